@@ -1,0 +1,279 @@
+"""Lazy, layout-independent view of one Hugging Face checkpoint directory.
+
+A ``Checkpoint`` maps every on-disk tensor name to the name the loaded module uses (derived from the
+model's own ``from_pretrained`` renaming rules on a meta-device model), finds the language model inside
+it from the module tree, and reads tensors lazily (memory-mapped safetensors) one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .families import Family, get_family
+
+Role = Literal["base", "lvlm", "rm", "llm"]
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE = "pytorch_model.bin"
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be merged; the message names the file or tensor at fault."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: the shard file and its on-disk key."""
+
+    file: Path
+    key: str
+
+
+def _module_path(root: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, mod in root.named_modules():
+        if mod is target:
+            return name
+    return None
+
+
+def _model_class(config, role: Role, family: Family | None):
+    """The transformers class whose module tree defines this checkpoint's tensor names."""
+    import transformers
+
+    if role == "lvlm":
+        assert family is not None
+        return getattr(transformers, family.lvlm_class)
+    if role == "rm":
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification._model_mapping[type(config)]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+class Checkpoint:
+    """One input model: config, lazy tensors, and the split into language-model and other tensors.
+
+    ``text`` maps canonical text keys (``layers.3.mlp.up_proj.weight``, ``embed_tokens.weight``,
+    ``norm.weight``, ``lm_head.weight``) to the module key; for an LVLM, ``other`` holds the rest
+    (vision tower, projector, Mllama cross-attention layers).
+    """
+
+    def __init__(self, path: str | Path, role: Role, *, allow_pickle: bool = False):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        self.role = role
+        if not self.path.is_dir():
+            raise CheckpointError(f"{role} model directory not found: {self.path}")
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"{role} model {self.path} has no config.json")
+        if role == "lvlm":  # before AutoConfig: an unknown family should say which ones are supported
+            raw = json.loads((self.path / "config.json").read_text())
+            get_family(raw.get("model_type", "?"), where=str(self.path))
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
+            raise CheckpointError(f"cannot read config of {role} model {self.path}: {e}") from e
+        self.family: Family | None = None
+        self._check_role()
+        self.refs: dict[str, TensorRef] = {}  # module key -> on-disk location
+        self._pickle: dict[str, torch.Tensor] | None = None
+        self._handles: dict[Path, object] = {}
+        self._open_weights(allow_pickle)
+        self._derive_names()
+
+    # ---- role checks -------------------------------------------------------------------------------
+    def _check_role(self) -> None:
+        archs = list(getattr(self.config, "architectures", None) or [])
+        mt = self.config.model_type
+        is_vlm = self.config.get_text_config() is not self.config
+        if self.role == "lvlm":
+            if not is_vlm:
+                raise CheckpointError(
+                    f"role lvlm expects a vision-language checkpoint; {self.path} is a text model "
+                    f"({mt}, {archs}). Did you mean role: llm?"
+                )
+            self.family = get_family(mt, where=str(self.path))
+        elif is_vlm:
+            raise CheckpointError(
+                f"role {self.role} expects a text-only checkpoint; {self.path} is a vision-language model "
+                f"({mt}). Did you mean role: lvlm?"
+            )
+        if self.role == "rm" and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise CheckpointError(
+                f"role rm expects a *ForSequenceClassification reward model; {self.path} has "
+                f"architectures={archs}. Use role: llm for a causal LM, or give the reward model's directory."
+            )
+        if self.role == "rm" and getattr(self.config, "num_labels", 1) != 1:
+            raise CheckpointError(f"reward model {self.path} has num_labels={self.config.num_labels}; expected 1")
+
+    # ---- weights ---------------------------------------------------------------------------------------
+    def _open_weights(self, allow_pickle: bool) -> None:
+        p = self.path
+        if (p / WEIGHTS_INDEX).is_file():
+            index = json.loads((p / WEIGHTS_INDEX).read_text())
+            files = {k: p / f for k, f in index["weight_map"].items()}
+        elif (p / WEIGHTS).is_file():
+            files = None
+        elif (p / PICKLE).is_file() or (p / PICKLE_INDEX).is_file():
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{p} holds only pickle (.bin) weights, which can execute code when loaded; "
+                    "convert to safetensors or pass --allow-pickle (loaded with weights_only=True)."
+                )
+            self._load_pickle()
+            return
+        else:
+            raise CheckpointError(f"no model.safetensors or {WEIGHTS_INDEX} in {p}")
+        shard_files = sorted(set(files.values())) if files else [p / WEIGHTS]
+        for f in shard_files:
+            if not f.is_file():
+                raise CheckpointError(f"shard {f} listed in {p / WEIGHTS_INDEX} is missing")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except SafetensorError as e:
+                raise CheckpointError(f"cannot read {f}: truncated or corrupt safetensors file ({e})") from e
+            self._handles[f] = h
+            for k in h.keys():
+                self.refs[k] = TensorRef(f, k)
+        if files:
+            missing = sorted(set(files) - set(self.refs))
+            if missing:
+                raise CheckpointError(f"{p / WEIGHTS_INDEX} lists {missing[:3]} but the shards lack them")
+
+    def _load_pickle(self) -> None:
+        p = self.path
+        files = [p / PICKLE]
+        if (p / PICKLE_INDEX).is_file():
+            files = sorted({p / f for f in json.loads((p / PICKLE_INDEX).read_text())["weight_map"].values()})
+        self._pickle = {}
+        for f in files:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            self._pickle.update(sd)
+            for k in sd:
+                self.refs[k] = TensorRef(f, k)
+
+    def shape(self, module_key: str) -> tuple[int, ...]:
+        ref = self.refs[self.ckpt_key[module_key]]
+        if self._pickle is not None:
+            return tuple(self._pickle[ref.key].shape)
+        return tuple(self._handles[ref.file].get_slice(ref.key).get_shape())
+
+    def dtype(self, module_key: str) -> torch.dtype:
+        ref = self.refs[self.ckpt_key[module_key]]
+        if self._pickle is not None:
+            return self._pickle[ref.key].dtype
+        return _SAFE_DTYPES[self._handles[ref.file].get_slice(ref.key).get_dtype()]
+
+    def get(self, module_key: str) -> torch.Tensor:
+        """Read one tensor lazily (memory-mapped; pages are read as the merge touches them)."""
+        ref = self.refs[self.ckpt_key[module_key]]
+        if self._pickle is not None:
+            return self._pickle[ref.key]
+        try:
+            return self._handles[ref.file].get_tensor(ref.key)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read tensor {ref.key} from {ref.file}: {e}") from e
+
+    # ---- names -----------------------------------------------------------------------------------------
+    def _derive_names(self) -> None:
+        """Rename on-disk keys with transformers' own rules and locate the language model."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        cls = _model_class(self.config, self.role, self.family)
+        with torch.device("meta"):
+            model = cls._from_config(self.config)
+        meta_sd = model.state_dict()
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        self.ckpt_key: dict[str, str] = {}
+        for key in self.refs:
+            new, conv = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            if conv is not None:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key} needs a multi-tensor conversion ({conv}) that merging does not support"
+                )
+            if new not in meta_sd:
+                raise CheckpointError(
+                    f"tensor {key} of {self.role} model {self.path} is not part of {cls.__name__} "
+                    "(present in this model only?); is the config right for these weights?"
+                )
+            self.ckpt_key[new] = key
+        text_cfg = self.config.get_text_config()
+        self.tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(self.config, "tie_word_embeddings", False))
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
+        lm_prefix = _module_path(model, decoder)
+        embed = _module_path(model, model.get_input_embeddings())
+        out_emb = _module_path(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+        if lm_prefix is None or embed is None:
+            raise CheckpointError(f"{self.path}: cannot locate the language model in {cls.__name__}")
+        self.lm_prefix = lm_prefix + "." if lm_prefix else ""
+        self.embed_key = embed + ".weight"
+        self.lm_head_key = (out_emb + ".weight") if out_emb else None
+        self.class_name = cls.__name__
+        missing = [k for k in meta_sd if k not in self.ckpt_key and not (self.tied and k == self.lm_head_key)]
+        if missing:
+            raise CheckpointError(
+                f"{self.role} model {self.path} lacks tensor {missing[0]} that {cls.__name__} has"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        self.text: dict[str, str] = {}
+        self.other: list[str] = []
+        for key in self.ckpt_key:
+            canon = self._canonical(key, text_cfg)
+            if canon is None:
+                self.other.append(key)
+            else:
+                self.text[canon] = key
+        del model
+
+    def _canonical(self, module_key: str, text_cfg) -> str | None:
+        """Text-model name of a module key, in base-LM layer numbering; None for non-LM tensors."""
+        if module_key == self.lm_head_key:
+            return "lm_head.weight"
+        if not module_key.startswith(self.lm_prefix):
+            return None
+        rel = module_key[len(self.lm_prefix) :]
+        m = _LAYER_RE.match(rel)
+        if m and self.family is not None:
+            j = self.family.text_layer_to_base(text_cfg, int(m.group(1)))
+            if j is None:
+                return None
+            rel = f"layers.{j}." + rel[m.end() :]
+        return rel
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer, or None when it ships none."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except Exception:  # noqa: BLE001 - a checkpoint without tokenizer files
+            return None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickle = None
+
+
+_SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}

@@ -1,0 +1,205 @@
+"""Merge recipes: mergekit's YAML schema plus ``role`` per model, ``output`` and ``seed``.
+
+A user's mergekit config (``models:`` form) runs unchanged once each model gets a role. Parameter values
+keep mergekit's meaning: scalars, gradients (a list interpolated across layers) and ``filter`` entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+Scalar = bool | int | float | str
+ScalarOrGradient = Scalar | list[Scalar]
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; the message names the key and the fix."""
+
+
+class Conditional(BaseModel):
+    """A parameter value restricted to tensors whose name contains ``filter`` (mergekit semantics)."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+Setting = Conditional | list[Conditional] | ScalarOrGradient
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class ModelEntry(BaseModel):
+    """One input model: a directory, its role and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    role: Literal["lvlm", "rm", "llm", "base"] | None = None
+    parameters: dict[str, Setting] | None = None
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe. Paths are resolved relative to the recipe file."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry]
+    parameters: dict[str, Setting] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    output: Literal["vlrm", "lvlm"] = "vlrm"
+    seed: int | None = None
+    tokenizer_source: str | None = None  # accepted for mergekit compatibility; the LVLM's tokenizer is used
+    chat_template: str | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"must be one of {DTYPES}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _roles(self) -> Recipe:
+        roles = [m.role for m in self.models]
+        for i, m in enumerate(self.models):
+            if m.role is None:
+                raise ValueError(
+                    f"models[{i}] ({m.model}) has no role: add `role: lvlm`, `role: rm` or `role: llm`"
+                )
+        n_lvlm = roles.count("lvlm")
+        if n_lvlm != 1:
+            raise ValueError(f"exactly one model needs `role: lvlm` (found {n_lvlm})")
+        if self.output == "vlrm" and roles.count("rm") != 1:
+            raise ValueError(
+                f"output: vlrm needs exactly one model with `role: rm` (found {roles.count('rm')}); "
+                "use output: lvlm to merge without a reward model"
+            )
+        if roles.count("base") > 1:
+            raise ValueError("at most one model may have `role: base`; prefer the top-level `base_model` key")
+        return self
+
+    # ---- convenience ---------------------------------------------------------------------------------
+    def model_of(self, role: str) -> ModelEntry | None:
+        return next((m for m in self.models if m.role == role), None)
+
+    def base_path(self) -> str | None:
+        """The base model: ``base_model`` or the model with ``role: base``."""
+        if self.base_model:
+            return self.base_model
+        b = self.model_of("base")
+        return b.model if b else None
+
+    def resolve_paths(self, root: Path) -> Recipe:
+        """Return a copy whose model paths are absolute, resolved against ``root``."""
+
+        def fix(p: str | None) -> str | None:
+            if p is None:
+                return None
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else (root / q).resolve())
+
+        data = self.model_dump()
+        data["base_model"] = fix(self.base_model)
+        for m in data["models"]:
+            m["model"] = fix(m["model"])
+        return Recipe.model_validate(data)
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "union[", "list[")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _hint(str(e["loc"][-1]))
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+_HINTS = {
+    "slices": "; slice-based recipes are not supported, list whole models under `models:` with a role",
+    "modules": "; per-module recipes are not supported, list whole models under `models:`",
+    "method": "; did you mean `merge_method`?",
+    "base": "; did you mean `base_model`?",
+    "params": "; did you mean `parameters`?",
+    "weight": "; put `weight` under `parameters:`",
+}
+
+
+def _hint(key: str) -> str:
+    return _HINTS.get(key, "")
+
+
+def parse_recipe(data: dict[str, Any] | str | Path, *, root: Path | None = None) -> Recipe:
+    """Validate a recipe from a dict, YAML text or a YAML file path; model paths become absolute."""
+    if isinstance(data, Path) or (isinstance(data, str) and "\n" not in data and data.endswith((".yaml", ".yml"))):
+        path = Path(data)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        root = root or path.parent
+        text = path.read_text()
+        where = str(path)
+    elif isinstance(data, str):
+        text, where = data, "recipe"
+    else:
+        text, where = None, "recipe"
+    if text is not None:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping with merge_method, models, ...")
+    if "slices" in data and "models" not in data:
+        raise RecipeError(f"{where}: slices: is not supported; list whole models under `models:` with a role")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe {where}:\n{_format_validation(e)}") from None
+    return recipe.resolve_paths(root or Path.cwd())
+
+
+def evaluate_setting(setting: Setting | None, tensor_name: str, t: float) -> Any:
+    """Resolve one parameter for a tensor: filters pick an entry, numeric gradients interpolate at ``t``.
+
+    Mirrors mergekit: a list of numbers is a gradient over layers (t in [0, 1]); non-numeric lists pick
+    ``values[int(t * (n - 1))]``; a filter matches when it is a substring of the tensor name.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(x, Conditional) for x in setting):
+            for cond in setting:
+                if cond.filter in (None, "*") or cond.filter in tensor_name:
+                    return evaluate_setting(cond.value, tensor_name, t)
+            return None
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[int(t * (len(setting) - 1))]
+    return setting
+
+
+def resolve(name: str, scopes: list[dict[str, Setting] | None], tensor_name: str, t: float) -> Any:
+    """First non-None value of ``name`` across scopes (model-level before recipe-level)."""
+    for scope in scopes:
+        if scope and name in scope:
+            v = evaluate_setting(scope[name], tensor_name, t)
+            if v is not None:
+                return v
+    return None

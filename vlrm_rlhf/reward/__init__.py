@@ -1,0 +1,3 @@
+"""Rewards: VLRM model classes (registered with the Auto classes on import)."""
+
+from . import modeling  # noqa: F401

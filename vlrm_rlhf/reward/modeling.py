@@ -1,0 +1,65 @@
+"""Vision-language reward model classes: ``XForSequenceClassification`` for every supported LVLM family.
+
+Each class is transformers' ``GenericForSequenceClassification`` over the family's multimodal base model
+(vision tower + projector + language model) with a scalar ``score`` head read at the last non-pad token,
+exactly like a text RM. Importing this module registers them with ``AutoModelForSequenceClassification``
+(``exist_ok=True``: plain ``register`` is silently ignored for built-in configs) and gives them the
+family's checkpoint renaming rules, so hub-layout checkpoints load instead of silently random-initialising.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoModelForSequenceClassification
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_layers import GenericForSequenceClassification
+
+from ..merge.families import FAMILIES, Family
+
+# family model_type -> (PreTrainedModel base class, config class) in transformers
+_BASES = {
+    "llava": ("LlavaPreTrainedModel", "LlavaConfig"),
+    "llava_next": ("LlavaNextPreTrainedModel", "LlavaNextConfig"),
+    "mllama": ("MllamaPreTrainedModel", "MllamaConfig"),
+    "qwen2_vl": ("Qwen2VLPreTrainedModel", "Qwen2VLConfig"),
+    "qwen2_5_vl": ("Qwen2_5_VLPreTrainedModel", "Qwen2_5_VLConfig"),
+    "idefics3": ("Idefics3PreTrainedModel", "Idefics3Config"),
+    "smolvlm": ("SmolVLMPreTrainedModel", "SmolVLMConfig"),
+    "gemma3": ("Gemma3PreTrainedModel", "Gemma3Config"),
+}
+
+VLRM_CLASSES: dict[str, type] = {}
+
+
+def _conversion_rules(family: Family) -> list:
+    """The LVLM's own renaming rules (by class name first, then model_type), minus the ``lm_head`` rule."""
+    rules = get_checkpoint_conversion_mapping(family.lvlm_class) or get_checkpoint_conversion_mapping(family.model_type)
+    return [r for r in (rules or []) if not any("lm_head" in p for p in r.source_patterns)]
+
+
+def _make(family: Family) -> type:
+    pre_name, cfg_name = _BASES[family.model_type]
+    config_cls = getattr(transformers, cfg_name)
+    name = family.seq_cls
+    if family.native_seq_cls:
+        cls = getattr(transformers, family.native_seq_cls)
+    else:
+        pre = getattr(transformers, pre_name)
+        cls = type(name, (GenericForSequenceClassification, pre), {"__module__": __name__, "__doc__": (
+            f"{family.display} vision-language reward model: multimodal backbone + scalar score head."
+        )})
+        rules = _conversion_rules(family)
+        if rules:
+            register_checkpoint_conversion_mapping(name, rules, overwrite=True)
+    AutoModelForSequenceClassification.register(config_cls, cls, exist_ok=True)
+    return cls
+
+
+for _fam in FAMILIES.values():
+    VLRM_CLASSES[_fam.model_type] = _make(_fam)
+    globals()[VLRM_CLASSES[_fam.model_type].__name__] = VLRM_CLASSES[_fam.model_type]
+
+__all__ = ["VLRM_CLASSES", *[c.__name__ for c in VLRM_CLASSES.values()]]
