@@ -23,6 +23,7 @@ Run:  ``/work/venv/bin/python benchmarks/merge_throughput.py [--size-gb 1.0] [--
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -198,24 +199,51 @@ def files_of(*dirs: Path) -> list[str]:
     return [str(f) for d in dirs for f in sorted(d.glob("*.safetensors"))]
 
 
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (user+nice+system+irq+softirq), from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit_s: float, max_cores: float = 0.25) -> float:
+    """Wait (up to limit_s) until other processes use < max_cores; return the last 1 s measurement."""
+    t_end, bg = time.monotonic() + limit_s, 0.0
+    while True:
+        b0 = busy_s()
+        time.sleep(1.0)
+        bg = busy_s() - b0
+        if bg < max_cores or time.monotonic() > t_end:
+            return bg
+        time.sleep(4.0)
+
+
 def run_sampled(python: str, code: str, args: dict[str, Any], log: Path) -> dict[str, Any]:
-    """Run a driver in a fresh process; sample its RssAnon every ~10 ms; return its JSON result + peak."""
+    """Run a driver in a fresh process; sample its RssAnon every ~10 ms; return its JSON result, the peak
+    and the CPU (in cores) that *other* processes used meanwhile (a co-tenant makes timings unreliable)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    with open(log, "w") as err:
-        p = subprocess.Popen([python, "-c", code + DRIVER_END, json.dumps(args)], stdout=subprocess.PIPE,
-                             stderr=err, env=env, cwd=ROOT, text=True)
+    with open(log, "w") as err, open(log.with_suffix(".out"), "w+") as out:
+        b0, t0, self0 = busy_s(), time.monotonic(), sum(os.times()[:2])
+        p = subprocess.Popen([python, "-c", code + DRIVER_END, json.dumps(args)], stdout=out, stderr=err,
+                             env=env, cwd=ROOT)
         peak, status = 0, Path(f"/proc/{p.pid}/status")
-        while p.poll() is None:
+        while True:
+            pid, rc, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
             try:
                 line = next(x for x in status.read_text().splitlines() if x.startswith("RssAnon"))
                 peak = max(peak, int(line.split()[1]))
             except (OSError, StopIteration):
                 pass
             time.sleep(0.01)
-        out = p.stdout.read() if p.stdout else ""
-    if p.returncode != 0:
-        sys.exit(f"{log.name} failed ({p.returncode}):\n{log.read_text()[-3000:]}")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_anon_mb": peak / 1024}
+        p.returncode = rc = os.waitstatus_to_exitcode(rc)  # reaped by wait4
+        others = busy_s() - b0 - (ru.ru_utime + ru.ru_stime) - (sum(os.times()[:2]) - self0)
+        bg = max(0.0, others / (time.monotonic() - t0))
+        out.seek(0)
+        text = out.read()
+    if rc != 0:
+        sys.exit(f"{log.name} failed ({rc}):\n{log.read_text()[-3000:]}")
+    return {**json.loads(text.strip().splitlines()[-1]), "peak_anon_mb": peak / 1024, "bg_cores": bg}
 
 
 def main() -> None:
@@ -226,6 +254,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per contender; the fastest is reported")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--mergekit-python", default=str(ROOT / ".mergekit-venv/bin/python"))
+    ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for an idle machine per run")
     a = ap.parse_args()
     wd = a.work_dir.resolve()
     t = time.perf_counter()
@@ -246,7 +275,8 @@ def main() -> None:
         best: dict[str, Any] | None = None
         for i in range(a.repeats):
             run_sampled(sys.executable, RAW, {"files": warm}, logs / "warmup.log")  # page cache warm, equally
-            r = run_sampled(python, code, args, logs / f"{name}_{method}_{i}.log")
+            bg0 = wait_quiet(a.quiet_wait)
+            r = {**run_sampled(python, code, args, logs / f"{name}_{method}_{i}.log"), "bg_before": bg0}
             if "out" in args:
                 shutil.rmtree(args["out"], ignore_errors=True)
                 os.sync()  # flush what the run left dirty so it cannot slow the next one
@@ -255,9 +285,11 @@ def main() -> None:
         assert best is not None
         row = {"contender": name, "method": method, **best, "gb": nbytes / GB, "gb_s": nbytes / GB / best["run_s"]}
         print(f"  {name:9s} {method:16s} {best['run_s']:7.2f} s  {row['gb_s']:6.2f} GB/s  "
-              f"peak RssAnon {best['peak_anon_mb']:7.0f} MB", flush=True)
+              f"peak RssAnon {best['peak_anon_mb']:7.0f} MB  others {best['bg_cores']:.2f} cores", flush=True)
         return row
 
+    code_hash = hashlib.sha256(b"".join(f.read_bytes() for f in sorted((ROOT / "vlrm_rlhf/merge").glob("*.py"))))
+    code_hash = code_hash.hexdigest()[:12]
     print(f"timing (warm page cache; OMP_NUM_THREADS unset; {os.cpu_count()} cores; best of {a.repeats}):")
     rows = [timed("raw-read", "-", py, RAW, {"files": ours_files}, ours_files, sum(map(os.path.getsize, ours_files)))]
     for m in a.methods.split(","):
@@ -275,10 +307,10 @@ def main() -> None:
             wd / "out_mergekit"), "shard_params": 125_000_000}, mk_files, mk_in))
 
     print(f"\n{'contender':9s} {'method':16s} {'import s':>8s} {'merge s':>8s} {'GB in':>6s} {'GB/s':>6s} "
-          f"{'peak RssAnon MB':>15s} {'after import MB':>15s} {'threads':>7s}")
+          f"{'peak RssAnon MB':>15s} {'after import MB':>15s} {'threads':>7s} {'others cores':>12s}")
     for r in rows:
         print(f"{r['contender']:9s} {r['method']:16s} {r['import_s']:8.2f} {r['run_s']:8.2f} {r['gb']:6.2f} "
-              f"{r['gb_s']:6.2f} {r['peak_anon_mb']:15.0f} {r['anon_after_import_kb'] / 1024:15.0f} {r['threads']!s:>7s}")
+              f"{r['gb_s']:6.2f} {r['peak_anon_mb']:15.0f} {r['anon_after_import_kb'] / 1024:15.0f} {r['threads']!s:>7s} {r['bg_cores']:12.2f}")
     get = {(r["contender"], r["method"]): r for r in rows}
     targets = []
     budget = (3 * largest + 300e6) / 2**20
@@ -297,9 +329,11 @@ def main() -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {val:.2f} (target {goal})")
     print("notes: timings are page-cache warm (inputs re-read just before each run); cold runs are disk-bound. "
           "Import time is excluded from 'merge s'. ours = vlrm_rlhf.merge.build (fsyncs its shards), "
-          "mergekit = mergekit.merge.run_merge (no fsync).")
+          "mergekit = mergekit.merge.run_merge (no fsync). Engine source sha256 " + code_hash)
+    if max(r["bg_cores"] for r in rows) > 0.25:
+        print("WARNING: other processes used CPU during some runs ('others cores'): those timings are inflated.")
     if a.json:
-        a.json.write_text(json.dumps({"rows": rows, "largest_tensor_bytes": largest, "sizes_bytes": sizes,
+        a.json.write_text(json.dumps({"rows": rows, "engine_sha256": code_hash, "largest_tensor_bytes": largest, "sizes_bytes": sizes,
                                       "targets": [dict(zip(("name", "value", "target", "pass"), t)) for t in targets]},
                                      indent=1))
 

@@ -96,8 +96,9 @@ def test_base_that_is_not_the_common_ancestor_warns(zoo, tmp_path):
               progress=False)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_input_is_named(zoo, tmp_path, value):
+def test_non_finite_input_is_named(zoo, tmp_path, value, method):
     trio = dict(zoo("llava"))
     rm = copy_model(trio["rm"], tmp_path / "rm")
 
@@ -107,8 +108,8 @@ def test_non_finite_input_is_named(zoo, tmp_path, value):
     edit_weights(rm, bad)
     trio["rm"] = rm
     with pytest.raises(MergeError, match=r"non-finite .*layers\.0\.self_attn\.q_proj\.weight.* rm model .*rm"):
-        build(recipe(trio, "task_arithmetic", lvlm={"weight": 0.5}, rm={"weight": 0.5}), tmp_path / "out",
-              progress=False)
+        build(recipe(trio, method, lvlm={"weight": 0.5, "density": 0.5}, rm={"weight": 0.5, "density": 0.5}),
+              tmp_path / "out", progress=False)
     assert no_output_left(tmp_path / "out")
 
 

@@ -162,10 +162,12 @@ def test_matches_mergekit(case_id, chunking, state_dicts, mergekit_results):
 
 def test_slerp_oracle_cases_take_the_intended_branch(state_dicts):
     """Guard the slerp cases themselves: m1 is a real rotation, `near` hits the linear fallback."""
+    def cos(name: str, other: str) -> float:
+        a, b = state_dicts["base"][name].flatten(), state_dicts[other][name].flatten()
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
     for name in SHAPES:
-        b = state_dicts["base"][name].flatten()
-        cos = lambda x: float(torch.nn.functional.cosine_similarity(b, x.flatten(), dim=0))  # noqa: E731
-        assert cos(state_dicts["m1"][name]) < 0.9995 < cos(state_dicts["near"][name])
+        assert cos(name, "m1") < 0.9995 < cos(name, "near")
 
 
 def kept_fraction(out: torch.Tensor, base: torch.Tensor) -> float:

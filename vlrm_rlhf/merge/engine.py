@@ -240,12 +240,16 @@ class MergePlan:
         if p.kind == "copy":
             src = self._source(p.source)
             out = src.ckpt.get(p.key).to(spec.dtype)
-            _check_finite(out, name, [src])
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
             return out
         base = self.base.ckpt.get(self.base.ckpt.text[p.key]) if self.base else None
         # a model without this tensor (an RM has no lm_head) contributes the base's: a zero task vector
         srcs = [s for s in self.models if p.key in s.ckpt.text or base is not None]
         tensors = [s.ckpt.get(s.ckpt.text[p.key]) if p.key in s.ckpt.text else base for s in srcs]
+        inputs = ([(self.base, base)] if self.base else []) + list(zip(srcs, tensors))
+        if self.method.name not in _PROPAGATES_NAN:  # masking methods could silently drop a NaN: check inputs
+            _check_inputs_finite(p.key, inputs)
         if p.kind == "merge":
             _check_shapes(p.key, self.base, base, srcs, tensors)
             out = self._merge(p.key, base, tensors)
@@ -253,8 +257,9 @@ class MergePlan:
             out = self._merge_vocab(p, base, srcs, tensors, spec)
         self._track_ancestor(p.key, base, srcs, tensors)
         out = out.to(spec.dtype)
-        if not torch.isfinite(out).all():
-            _check_finite(out, name, [s for s in self.sources], culprit_inputs=[(self.base, base), *zip(srcs, tensors)])
+        if not bool(torch.isfinite(out).all()):  # only then scan the inputs, to name the culprit
+            _check_inputs_finite(p.key, inputs)
+            raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
         return out
 
     def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
@@ -270,7 +275,7 @@ class MergePlan:
             k = len(rp.merge_out)
             merged = self._merge(p.key, base[:k] if base is not None else None, [by[s.name][:k] for s in srcs])
         else:
-            b = base if base is not None else tensors[0]
+            b = base if base is not None else by[self.lvlm.name]  # no base: the LVLM's vocab is the reference
             parts = [gather_rows(by[s.name], rp.merge_src.get(s.name, rp.merge_src.get(bname)), b) for s in srcs]
             bb = gather_rows(base, rp.merge_src[bname], base) if base is not None else None
             merged = self._merge(p.key, bb, parts)
@@ -305,6 +310,15 @@ class MergePlan:
         return {n: float(torch.tensor(r).median()) for n, r in getattr(self, "_anc", {}).items() if r}
 
 
+_PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
+
+
+def _check_inputs_finite(key: str, inputs) -> None:
+    for s, t in inputs:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MergeError(f"non-finite values (NaN/Inf) in input tensor {key} of {s.role} model {s.name}")
+
+
 def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
     ref_src, ref = (base_src, base) if base is not None else (srcs[0], tensors[0])
     for s, t in zip(srcs, tensors):
@@ -313,14 +327,6 @@ def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
                 f"shape mismatch for {canon}: {s.role} {s.name} has {tuple(t.shape)}, "
                 f"{ref_src.role} {ref_src.name} has {tuple(ref.shape)}"
             )
-
-
-def _check_finite(out: torch.Tensor, name: str, sources, culprit_inputs=None) -> None:
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        for s, t in culprit_inputs or [(s, out) for s in sources[:1]]:
-            if s is not None and t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise MergeError(f"non-finite values (NaN/Inf) in input tensor {name} of {s.role} model {s.name}")
-        raise MergeError(f"merge produced non-finite values in {name} (overflow in the output dtype?)")
 
 
 def build(

@@ -20,7 +20,7 @@ from torch import Tensor
 REQUIRED: Any = object()  # sentinel default for required parameters
 _CHUNK = 1 << 20  # elements per work chunk (tests shrink it to exercise the multi-chunk paths)
 _SAMPLE = 1 << 18  # sample size used to bracket a top-k threshold
-_MARGIN = (5.0, 8)  # bracket half-width: sigmas of the sample quantile + slack positions (0, 0 forces retries)
+_MARGIN = (5.0, 8)  # bracket half-width: sample-quantile sigmas + slack positions ((0, 0) forces retries)
 _EPS = 1e-7  # mergekit's guard in the L1 rescale
 
 
@@ -90,7 +90,8 @@ def _fill(method: MergeMethod, spec: Mapping[str, Any], given: Mapping[str, Any]
         if not check(value):
             raise ValueError(f"{method.name}: parameter {key!r} must be {desc}, got {value!r} for {where}")
         out[key] = value
-    if "epsilon" in out and out["density"] < 1 and not 0 < out["density"] - out["epsilon"] < out["density"] + out["epsilon"] < 1:
+    d, eps = out.get("density", 1), out.get("epsilon", 0)
+    if d < 1 and not (d - eps > 0 and d + eps < 1):
         raise ValueError(f"{method.name}: parameter 'epsilon' must keep density ± epsilon inside (0, 1), "
                          f"got epsilon={out['epsilon']} with density={out['density']} for {where}")
     return out
@@ -124,6 +125,8 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
     if m.stochastic and generator is None:
         raise ValueError(f"{m.name} is stochastic: pass a torch.Generator (set a seed) to merge_tensor")
     dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in inputs) else torch.float32
+    if ref.numel() == 0:
+        return torch.empty(ref.shape, dtype=dtype)
     return m.fn(base, list(tensors), filled, filled_shared, generator, dtype).reshape(ref.shape)
 
 
@@ -138,18 +141,18 @@ def _flat(t: Tensor) -> Tensor:
 
 def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype) -> Tensor:
     """A fresh chunk m[s:e] - b[s:e] in `dtype` (a copy of m[s:e] when there is no base)."""
-    x = m[s:e].to(dtype)
-    return x.clone() if b is None else torch.sub(x, b[s:e].to(dtype))
+    return m[s:e].to(dtype, copy=True) if b is None else torch.sub(m[s:e].to(dtype), b[s:e].to(dtype))
 
 
 class _TopK:
     """Exact top-k of |x|: |x| >= tau, minus the first `excess` elements (index order) equal to tau
     when more tie at tau than k allows; `drop` holds their indices when known, `l1` the kept L1 norm."""
 
-    def __init__(self, tau: float, excess: int = 0, l1: float = 0.0, drop: Tensor | None = None):
+    def __init__(self, tau: float, dtype: torch.dtype, excess=0, l1=0.0, drop: Tensor | None = None):
         self.tau, self.excess, self.l1, self.drop = tau, excess, l1, drop
         self.exact = excess > 0 and tau != 0  # merging may keep extra zeros: they contribute nothing
-        self.lam = torch.nextafter(torch.tensor(tau), torch.tensor(-math.inf)).item()  # |x| > lam <=> >= tau
+        down = torch.tensor([tau, -math.inf], dtype=dtype)
+        self.lam = torch.nextafter(down[0], down[1]).item()  # in `dtype`: |x| > lam <=> |x| >= tau
 
     def mask(self, a: Tensor) -> Tensor:
         """Bool keep-mask for the next chunk of |x| (chunks must come in order, once)."""
@@ -171,7 +174,8 @@ class _TopK:
         return out
 
 
-def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool) -> tuple[list[_TopK], float]:
+def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool
+          ) -> tuple[list[_TopK], float]:
     """Select the k largest |m - b| for each k without sorting: bracket the threshold with a sorted
     random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
     Also returns |m - b|_1 when `want_l1` (else 0)."""
@@ -223,9 +227,9 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
                 excess = int(torch.count_nonzero(eq)) - ties
                 drop = torch.cat(idxs[j])[eq][:excess] if lo != hi and tau != 0 else None
                 l1 = l1_above[j] + float(band[gt].sum()) + ties * tau.item() if want_l1 else 0.0
-                out[j] = _TopK(tau.item(), excess, l1, drop)
+                out[j] = _TopK(tau.item(), dtype, excess, l1, drop)
                 del jobs[j]
-    sels = [o if o is not None else _TopK(math.inf) if k <= 0 else _TopK(-1.0, 0, total)
+    sels = [o if o is not None else _TopK(math.inf, dtype) if k <= 0 else _TopK(-1.0, dtype, 0, total)
             for o, k in zip(out, ks, strict=True)]
     return sels, total
 
@@ -248,7 +252,6 @@ Sparsified = tuple[Apply, float, float]
 def _magnitude(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
     """TIES pruning: keep the max(1, int(density * n)) largest-magnitude entries."""
     (sel,), total = _topk(m, b, [max(1, int(p["density"] * m.numel()))], dtype, want_l1)
-
     return sel.part, sel.l1, total
 
 
@@ -280,20 +283,18 @@ def _magprune(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
     rank along dim 1 (1-D tensors: one row), like mergekit; a single column gets probability density."""
     d, eps = p["density"], p["epsilon"]
     x = torch.sub(m.to(dtype), b.to(dtype)).reshape(shape)
-    rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
-    moved = rows.shape
-    rows = rows.abs().reshape(-1, moved[-1])
-    cols = rows.shape[1]
+    moved = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)  # rank along the last axis
+    cols = moved.shape[-1]
+    rows = moved.abs().reshape(-1, cols)
     ranks = torch.arange(cols, dtype=dtype).div_(cols - 1) if cols > 1 else torch.full((1,), 0.5, dtype=dtype)
     mask = torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, _CHUNK // max(cols, 1))
+    step = max(1, _CHUNK // cols)
     for r in range(0, rows.shape[0], step):
         blk = rows[r : r + step]
         prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
         mask[r : r + step] = torch.bernoulli(prob.mul_(2 * eps).add_(d - eps), generator=gen).bool()
-    mask = mask.reshape(moved)
-    mask = (mask if x.dim() < 2 else mask.movedim(-1, 1)).reshape(-1)
-    return _masked_keep(_flat(x), None, mask, dtype, want_l1)
+    mask = mask.reshape(moved.shape) if x.dim() < 2 else mask.reshape(moved.shape).movedim(-1, 1)
+    return _masked_keep(_flat(x), None, mask.reshape(-1), dtype, want_l1)
 
 
 def _masked_keep(m, b, mask: Tensor, dtype, want_l1: bool) -> Sparsified:
@@ -422,36 +423,39 @@ CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})
 
 
 def inert_parameter_warnings(method: str, shared: Mapping, params: Sequence[Mapping]) -> list[str]:
-    """Human-readable warnings, each naming a fix, for settings that make some parameter inert."""
+    """Human-readable warnings, each naming a fix, for settings that make some parameter inert.
+
+    Per-model keys found in `shared` (mergekit's top-level parameters) act as per-model defaults."""
     spec = get_method(method)
     sh = {**spec.shared_params, **shared}
-    ps = [{**spec.input_params, **p} for p in params]
+    raw = [{**{k: v for k, v in shared.items() if k in spec.input_params}, **p} for p in params]
+    ps = [{**spec.input_params, **p} for p in raw]
     weights = [p.get("weight") for p in ps]
     dense = [i for i, p in enumerate(ps) if p.get("density") == 1]
-    out: list[str] = []
-    if method in TASK_ARITHMETIC_FAMILY and sh.get("normalize") is True:
-        equal = " (here all weights are equal, so they cancel entirely)" if len(set(map(str, weights))) == 1 else ""
-        out.append(f"{method}: normalize=true divides by the sum of the weights, so multiplying all weights by a "
-                   f"common factor has no effect{equal}; a sweep over equal weights yields identical models: "
-                   "set normalize: false or sweep `lambda` instead")
-        if method not in CONSENSUS and all(_real(w) for w in weights) and abs(sum(weights)) < 1e-8:
-            out.append(f"{method}: the weights sum to ~0, so normalize is silently skipped (mergekit's guard): "
-                       "set normalize: false to say so")
+    family, out = method in TASK_ARITHMETIC_FAMILY, []
+    if family and sh.get("normalize") is True and len(ps) > 1 and len(set(map(str, weights))) == 1:
+        out.append(f"{method}: normalize=true divides by the sum of the (here equal) weights, so they cancel "
+                   "entirely and a sweep over λ = weight yields identical models: set normalize: false, "
+                   "or sweep `lambda` instead")
+    if family and sh.get("normalize") is True:
+        if method not in CONSENSUS and all(map(_real, weights)) and abs(sum(weights)) < 1e-8:
+            out.append(f"{method}: the weights sum to ~0, so normalize is silently skipped (mergekit's "
+                       "guard): set normalize: false to say so")
     if method == "linear" and len(ps) == 1 and sh.get("normalize") is True:
-        out.append("linear: with a single model and normalize=true the weight cancels and the output equals the "
-                   "model: add models or set normalize: false")
+        out.append("linear: with a single model and normalize=true the weight cancels and the output "
+                   "equals the model: add models or set normalize: false")
     if method in SPARSIFYING and dense:
         out.append(f"{method}: density=1 for model(s) {dense} makes sparsification a no-op for them: "
                    "set density < 1 (e.g. 0.5) or use task_arithmetic")
     if method == "task_arithmetic" and len(dense) < len(ps):
-        out.append("task_arithmetic: density is ignored (no sparsification): use ties or dare_linear, or drop density")
+        out.append("task_arithmetic: density is ignored (no sparsification): use ties/dare_linear or drop it")
     for key in ("gamma", "epsilon"):
-        wasted = [i for i, (p, raw) in enumerate(zip(ps, params, strict=True)) if key in raw and p.get("density") == 1]
+        wasted = [i for i, (p, r) in enumerate(zip(ps, raw, strict=True)) if key in r and p.get("density") == 1]
         if key in spec.input_params and wasted:
-            out.append(f"{method}: {key} is ignored for model(s) {wasted} because density=1 disables pruning: "
-                       f"set density < 1 or drop {key}")
-    if method in TASK_ARITHMETIC_FAMILY and sh.get("rescale") and len(dense) == len(ps) and "rescale" in shared:
-        out.append(f"{method}: rescale has no effect without pruning (density < 1): set density < 1 or drop rescale")
+            out.append(f"{method}: {key} is ignored for model(s) {wasted} because density=1 disables "
+                       f"pruning: set density < 1 or drop {key}")
+    if family and "rescale" in shared and sh["rescale"] and len(dense) == len(ps):
+        out.append(f"{method}: rescale has no effect without pruning: set density < 1 or drop rescale")
     if sh.get("int8_mask"):
         out.append(f"{method}: int8_mask only changes mergekit's mask dtype, never the result: drop it")
     return out
