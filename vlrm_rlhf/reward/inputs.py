@@ -1,0 +1,121 @@
+"""Normalising scoring inputs: TRL conversational messages or plain strings, with zero or more images.
+
+Everything downstream sees a ``Sample``: chat messages whose content is a list of typed blocks (image
+blocks carry no payload) and the sample's images, in placeholder order, as PIL images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+Message = dict[str, Any]
+
+
+class InputError(ValueError):
+    """A scoring input that cannot be scored; the message names the sample."""
+
+
+@dataclass
+class Sample:
+    """One conversation to score: messages (typed content blocks) and its images in placeholder order."""
+
+    messages: list[Message]
+    images: list[Image.Image] = field(default_factory=list)
+
+    def without_images(self) -> Sample:
+        """The same conversation with every image block removed (the no-image ablation)."""
+        msgs = [{**m, "content": [b for b in m["content"] if b.get("type") != "image"]} for m in self.messages]
+        return Sample(msgs, [])
+
+    def text_of(self, role: str) -> str:
+        """Concatenated text of all messages with this role."""
+        return " ".join(b["text"] for m in self.messages if m["role"] == role for b in m["content"] if b.get("type") == "text")
+
+
+def load_image(x: Any, base_dir: Path | None = None, where: str = "") -> Image.Image:
+    """A PIL image from a PIL image, a path (relative to ``base_dir``) or raw bytes; errors name the file."""
+    if isinstance(x, Image.Image):
+        return x
+    if isinstance(x, dict) and ("path" in x or "bytes" in x):  # datasets' Image feature, decode=False
+        x = x.get("path") or x.get("bytes")
+    if isinstance(x, bytes | bytearray):
+        import io
+
+        return Image.open(io.BytesIO(x)).convert("RGB")
+    if isinstance(x, str | Path):
+        p = Path(x)
+        if base_dir is not None and not p.is_absolute():
+            p = base_dir / p
+        if not p.is_file():
+            raise InputError(f"{where}image file not found: {p}")
+        try:
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        except OSError as e:
+            raise InputError(f"{where}cannot read image file {p}: {e}") from e
+    raise InputError(f"{where}unsupported image value of type {type(x).__name__}")
+
+
+def _blocks(content: Any) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    out = []
+    for b in content:
+        if isinstance(b, str):
+            out.append({"type": "text", "text": b})
+        elif b.get("type") in ("image", "image_url") or "image" in b:
+            out.append({"type": "image", **({"image": b["image"]} if b.get("image") is not None else {})})
+        else:
+            out.append(dict(b))
+    return out
+
+
+def _messages(x: Any, role: str) -> list[Message]:
+    if isinstance(x, str):
+        return [{"role": role, "content": _blocks(x)}]
+    if isinstance(x, dict):
+        return [{"role": x.get("role", role), "content": _blocks(x.get("content"))}]
+    return [{"role": m.get("role", role), "content": _blocks(m.get("content"))} for m in x]
+
+
+def make_sample(
+    prompt: Any,
+    response: Any | None,
+    images: Sequence[Any] | Any | None,
+    index: int = 0,
+    base_dir: Path | None = None,
+) -> Sample:
+    """Build a Sample from a conversation (``response=None``) or a (prompt, response) pair, plus images.
+
+    Images come from image blocks that carry an ``image`` payload, else from ``images`` in order. A plain
+    string prompt with images gets one image block per image at its start, as TRL does.
+    """
+    where = f"sample {index}: "
+    msgs = _messages(prompt, "user")
+    if response is not None:
+        resp = _messages(response, "assistant")
+        if not any(b.get("text", "").strip() for m in resp for b in m["content"] if b.get("type") == "text"):
+            raise InputError(f"{where}empty response")
+        msgs += resp
+    if images is not None and not isinstance(images, list | tuple):
+        images = [images]
+    given = list(images or [])
+    blocks = [b for m in msgs for b in m["content"] if b.get("type") == "image"]
+    if not blocks and given:
+        first_user = next((m for m in msgs if m["role"] == "user"), msgs[0])
+        first_user["content"] = [{"type": "image"} for _ in given] + first_user["content"]
+        blocks = first_user["content"][: len(given)]
+    payload = [b.pop("image") for b in blocks if "image" in b]
+    if payload and given:
+        raise InputError(f"{where}images given both inline and as a separate list")
+    pics = payload or given
+    if len(pics) != len(blocks):
+        raise InputError(f"{where}{len(pics)} image(s) for {len(blocks)} image placeholder(s)")
+    return Sample(msgs, [load_image(x, base_dir, where) for x in pics])

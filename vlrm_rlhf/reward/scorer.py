@@ -1,0 +1,289 @@
+"""Batched reward scoring with a VLRM (or its ablations and baselines) on conversations with images.
+
+``VLRewardScorer.score`` renders each sample with the model's chat template (date-independent), groups
+samples into micro-batches under a token budget, pads with the RM's pad id and reads the reward at the last
+real token. ``score_candidates`` scores N responses to one (images, prompt) and encodes the images and the
+prompt once: the prefix KV cache is reused for every candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .inputs import InputError, Sample, make_sample
+from .prefix import PrefixScorer
+
+log = logging.getLogger(__name__)
+Mode = Literal["vlrm", "no_image", "text_rm", "cascade"]
+FIXED_DATE = datetime(2024, 7, 26)  # rendered wherever a chat template asks for "today"
+CAPTION_PROMPT = "Describe the image."
+
+
+class ScorerError(ValueError):
+    """A model or mode that cannot score the given inputs."""
+
+
+def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
+    """Chat-template text of a conversation, with a fixed date so rewards never depend on the day."""
+    if plain_text:
+        messages = [{"role": m["role"], "content": " ".join(b["text"] for b in m["content"] if b.get("type") == "text")}
+                    for m in messages]
+    if getattr(owner, "chat_template", None) is None and getattr(getattr(owner, "tokenizer", None), "chat_template", None) is None:
+        return "\n".join(f"{m['role']}: {m['content'] if isinstance(m['content'], str) else ' '.join(b.get('text', '') for b in m['content'])}" for m in messages)
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **_date_kwargs(owner))
+
+
+def _date_kwargs(owner) -> dict[str, Any]:
+    """Template variables that pin "today" for templates that print a date (Llama 3.x), else nothing."""
+    tpl = getattr(owner, "chat_template", None) or getattr(getattr(owner, "tokenizer", None), "chat_template", None)
+    tpl = " ".join(tpl.values()) if isinstance(tpl, dict) else str(tpl or "")
+    kw: dict[str, Any] = {}
+    if "date_string" in tpl:
+        kw["date_string"] = FIXED_DATE.strftime("%d %b %Y")
+    if "strftime_now" in tpl:
+        kw["strftime_now"] = FIXED_DATE.strftime
+    return kw
+
+
+def _is_vlm(config) -> bool:
+    return config.get_text_config() is not config
+
+
+class VLRewardScorer:
+    """Scores conversations with a VLRM; modes ``vlrm``, ``no_image``, ``text_rm`` and ``cascade``.
+
+    ``model``/``processor`` are the reward model and its processor (a tokenizer for a text RM). ``cascade``
+    needs ``captioner``/``captioner_processor``: an LVLM that describes the images for the text RM.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        mode: Mode = "vlrm",
+        captioner=None,
+        captioner_processor=None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        max_batch_tokens: int = 8192,
+        caption_max_new_tokens: int = 48,
+    ):
+        if mode not in ("vlrm", "no_image", "text_rm", "cascade"):
+            raise ScorerError(f"unknown mode {mode!r}: use vlrm, no_image, text_rm or cascade")
+        self.mode = mode
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device, **({"dtype": dtype} if dtype else {})).eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        vlm = _is_vlm(model.config)
+        if mode in ("vlrm", "no_image") and not vlm:
+            raise ScorerError(
+                f"mode {mode} needs a vision-language reward model, got a text model "
+                f"({type(model).__name__}); use mode='text_rm' for a text RM, or merge one with `vlrm-rlhf merge`"
+            )
+        if mode in ("text_rm", "cascade") and vlm:
+            raise ScorerError(f"mode {mode} scores with a text RM, got {type(model).__name__}")
+        if mode == "cascade" and captioner is None:
+            raise ScorerError("mode cascade needs a captioner LVLM (lvlm=... in from_pretrained)")
+        self.captioner, self.captioner_processor = captioner, captioner_processor
+        self.caption_max_new_tokens = caption_max_new_tokens
+        cfg = model.config.get_text_config()
+        self.pad_id = cfg.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.pad_token_id
+            warnings.warn("the reward model's config has no pad_token_id: scoring one sample per forward", stacklevel=2)
+        elif self.tokenizer.pad_token_id != self.pad_id:
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.pad_id)
+        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
+        if self.max_length is not None and self.max_length > 1_000_000:
+            self.max_length = None
+        self.max_batch_tokens = max_batch_tokens
+        self._prefix = PrefixScorer(self) if mode == "vlrm" else None
+        self._captions: dict[int, str] = {}
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, mode: Mode = "vlrm", lvlm: str | Path | None = None,
+        device: str | None = None, dtype: torch.dtype | None = None, **kw: Any,
+    ) -> VLRewardScorer:
+        """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``)."""
+        import json
+
+        from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..merge.families import get_family
+        from . import modeling  # noqa: F401  (registers the VLRM classes)
+        from .processing import load_processor
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ScorerError(f"no config.json in reward model directory {path}")
+        cfg = json.loads((path / "config.json").read_text())
+        is_vlm = "text_config" in cfg or "vision_config" in cfg
+        if mode in ("vlrm", "no_image"):
+            if not is_vlm:
+                raise ScorerError(f"{path} is a text reward model ({cfg.get('model_type')}); mode {mode} needs a VLRM: "
+                                  "merge one with `vlrm-rlhf merge`, or use mode='text_rm'")
+            get_family(cfg.get("model_type", "?"), where=str(path))
+            if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures", [])):
+                raise ScorerError(f"{path} is not a reward model (architectures={cfg.get('architectures')})")
+        model = AutoModelForSequenceClassification.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        proc = load_processor(path) if is_vlm else AutoTokenizer.from_pretrained(path)
+        cap = cap_proc = None
+        if mode == "cascade":
+            if lvlm is None:
+                raise ScorerError("mode cascade needs lvlm=<LVLM directory> to caption the images")
+            cap = AutoModelForImageTextToText.from_pretrained(lvlm).eval()
+            cap_proc = load_processor(lvlm)
+        return cls(model, proc, mode=mode, captioner=cap, captioner_processor=cap_proc, device=device, dtype=dtype, **kw)
+
+    # ---- public API --------------------------------------------------------------------------------------
+    def score(
+        self,
+        conversations: Sequence[Any] | None = None,
+        *,
+        prompts: Sequence[Any] | None = None,
+        responses: Sequence[Any] | None = None,
+        images: Sequence[Any] | None = None,
+    ) -> list[float]:
+        """Rewards for whole conversations, or for (prompt, response) pairs; ``images[i]``: sample i's images."""
+        samples = self.samples(conversations, prompts=prompts, responses=responses, images=images)
+        return self.score_samples(samples)
+
+    def samples(self, conversations=None, *, prompts=None, responses=None, images=None) -> list[Sample]:
+        """Normalise any accepted input form into Samples (validating images and placeholders)."""
+        if conversations is not None:
+            if prompts is not None or responses is not None:
+                raise InputError("give either conversations or (prompts, responses), not both")
+            pairs = [(c, None) for c in conversations]
+        else:
+            if prompts is None or responses is None or len(prompts) != len(responses):
+                raise InputError("prompts and responses must both be given, with equal lengths")
+            pairs = list(zip(prompts, responses, strict=True))
+        if images is not None and len(images) != len(pairs):
+            raise InputError(f"{len(images)} image entries for {len(pairs)} samples")
+        return [make_sample(p, r, images[i] if images is not None else None, i) for i, (p, r) in enumerate(pairs)]
+
+    def score_candidates(self, prompt: Any, responses: Sequence[Any], images: Any = None) -> list[float]:
+        """Rewards of N responses to one prompt; images and prompt are encoded once (prefix KV reuse)."""
+        samples = [make_sample(prompt, r, images, i) for i, r in enumerate(responses)]
+        if self._prefix is not None and len(samples) > 1:
+            out = self._prefix.score(samples)
+            if out is not None:
+                return out
+        return self.score_samples(samples)
+
+    @torch.no_grad()
+    def score_samples(self, samples: list[Sample]) -> list[float]:
+        """Rewards for prepared Samples, micro-batched under the token budget, in input order."""
+        samples = [self._for_mode(s) for s in samples]
+        texts = [self._render(s, i) for i, s in enumerate(samples)]
+        lengths = [self._length(t, s, i) for i, (t, s) in enumerate(zip(texts, samples, strict=True))]
+        order = sorted(range(len(samples)), key=lambda i: (bool(samples[i].images), lengths[i]))
+        out: list[float] = [0.0] * len(samples)
+        for batch in self._batches(order, lengths, samples):
+            enc = self.encode([texts[i] for i in batch], [samples[i].images for i in batch])
+            logits = self.model(**enc, use_cache=False).logits[:, 0].float()
+            for i, v in zip(batch, logits.tolist(), strict=True):
+                out[i] = v
+        return out
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _for_mode(self, s: Sample) -> Sample:
+        if self.mode in ("no_image", "text_rm"):
+            return s.without_images()
+        if self.mode == "cascade":
+            return self._caption(s)
+        return s
+
+    def _render(self, s: Sample, i: int) -> str:
+        return render(self.processor, s.messages, plain_text=self.mode in ("text_rm", "cascade"))
+
+    def encode(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        """Processor call for a micro-batch (padding with the RM's pad id), moved to the device."""
+        kw: dict[str, Any] = {"return_tensors": "pt", "padding": True, "add_special_tokens": False}
+        if any(images):
+            enc = self.processor(text=texts, images=images, **kw)
+        else:
+            enc = self.tokenizer(texts, **kw)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in dict(enc).items()}
+
+    def _length(self, text: str, s: Sample, i: int) -> int:
+        enc = self.encode([text], [s.images])
+        n = int(enc["input_ids"].shape[1])
+        if self.max_length is not None and n > self.max_length:
+            self._truncate(s, n - self.max_length, i)
+            text = self._render(s, i)
+            n = int(self.encode([text], [s.images])["input_ids"].shape[1])
+        return n
+
+    def _truncate(self, s: Sample, excess: int, i: int) -> None:
+        """Cut ``excess`` tokens from the start of the prompt's text, never from the response or images."""
+        prompt_blocks = [b for m in s.messages if m["role"] != "assistant" for b in m["content"] if b.get("type") == "text"]
+        available = sum(len(self.tokenizer(b["text"], add_special_tokens=False)["input_ids"]) for b in prompt_blocks)
+        if available <= excess:
+            raise InputError(
+                f"sample {i}: the response (with images and template) is longer than the context "
+                f"(max_length={self.max_length}); it cannot be truncated without cutting the response"
+            )
+        warnings.warn(f"sample {i}: prompt truncated by {excess} tokens from the left to fit max_length={self.max_length}",
+                      stacklevel=3)
+        for b in prompt_blocks:
+            ids = self.tokenizer(b["text"], add_special_tokens=False)["input_ids"]
+            cut = min(excess, len(ids))
+            b["text"] = self.tokenizer.decode(ids[cut:])
+            excess -= cut
+            if excess <= 0:
+                break
+        if excess > 0:  # the decode/re-encode round trip may need one more token
+            self._truncate(s, excess, i)
+
+    def _batches(self, order: list[int], lengths: list[int], samples: list[Sample]):
+        """Consecutive groups (sorted by length) with batch × longest ≤ max_batch_tokens; image/no-image apart."""
+        batch: list[int] = []
+        longest = 0
+        one = self.pad_id is None
+        for i in order:
+            n = max(longest, lengths[i])
+            mixed = batch and bool(samples[batch[0]].images) != bool(samples[i].images)
+            if batch and (one or mixed or n * (len(batch) + 1) > self.max_batch_tokens):
+                yield batch
+                batch, n = [], lengths[i]
+            batch.append(i)
+            longest = n
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def _caption(self, s: Sample) -> Sample:
+        """Cascade: replace each image by the captioner's greedy description of it."""
+        if not s.images:
+            return s
+        descs = []
+        for im in s.images:
+            key = hash(im.tobytes()) ^ hash(im.size)
+            if key not in self._captions:
+                msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
+                text = self.captioner_processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                enc = self.captioner_processor(text=[text], images=[[im]], return_tensors="pt")
+                out = self.captioner.generate(**enc, max_new_tokens=self.caption_max_new_tokens, do_sample=False)
+                tok = getattr(self.captioner_processor, "tokenizer", self.captioner_processor)
+                self._captions[key] = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            descs.append(self._captions[key])
+        it = iter(descs)
+        msgs = []
+        for m in s.messages:
+            content = [{"type": "text", "text": f"Image description: {next(it)}"} if b.get("type") == "image" else b
+                       for b in m["content"]]
+            msgs.append({**m, "content": content})
+        return Sample(msgs, [])
