@@ -9,6 +9,8 @@ prompt once: the prefix KV cache is reused for every candidate.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import warnings
 from collections.abc import Sequence
 from datetime import datetime
@@ -41,15 +43,20 @@ def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
 
 
 def _date_kwargs(owner) -> dict[str, Any]:
-    """Template variables that pin "today" for templates that print a date (Llama 3.x), else nothing."""
+    """Pin "today" for templates that print a date (Llama 3.x): ``date_string`` is set and every
+    ``strftime_now("fmt")`` call is replaced by the fixed date's literal, so rewards never depend on the day."""
     tpl = getattr(owner, "chat_template", None) or getattr(getattr(owner, "tokenizer", None), "chat_template", None)
-    tpl = " ".join(tpl.values()) if isinstance(tpl, dict) else str(tpl or "")
+    if not isinstance(tpl, str):
+        return {}
     kw: dict[str, Any] = {}
     if "date_string" in tpl:
         kw["date_string"] = FIXED_DATE.strftime("%d %b %Y")
     if "strftime_now" in tpl:
-        kw["strftime_now"] = FIXED_DATE.strftime
+        kw["chat_template"] = _STRFTIME.sub(lambda m: repr(FIXED_DATE.strftime(m.group(2))), tpl)
     return kw
+
+
+_STRFTIME = re.compile(r"strftime_now\(\s*(['\"])(.*?)\1\s*\)")
 
 
 def _is_vlm(config) -> bool:
@@ -119,7 +126,11 @@ class VLRewardScorer:
         """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``)."""
         import json
 
-        from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoModelForImageTextToText,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         from ..merge.families import get_family
         from . import modeling  # noqa: F401  (registers the VLRM classes)
@@ -196,6 +207,9 @@ class VLRewardScorer:
             logits = self.model(**enc, use_cache=False).logits[:, 0].float()
             for i, v in zip(batch, logits.tolist(), strict=True):
                 out[i] = v
+        bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
+        if bad:  # logged, never silent: callers (VLRMReward) decide whether to raise or drop them
+            warnings.warn(f"non-finite reward for sample(s) {bad[:10]}", stacklevel=2)
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------

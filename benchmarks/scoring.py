@@ -1,0 +1,169 @@
+"""Reward-scoring throughput of ``VLRewardScorer`` on a tiny-but-not-trivial LLaVA VLRM (CPU, fp32).
+
+What it measures (one run does everything, on one model):
+
+0. Builds a LLaVA trio with the zoo's machinery but a real-sized vision input (text: Llama, hidden 256, 4 layers;
+   vision: CLIP, hidden 256, 4 layers, 224 px images, patch 14 -> 256 image tokens per image), then merges the RM
+   into the LVLM with ``vlrm_rlhf.merge.build`` (task arithmetic) and loads it with ``VLRewardScorer.from_pretrained``.
+1. Pairs/s over ``--pairs`` (prompt with one distinct image, response) pairs: batched ``scorer.score(...)`` vs the
+   one-sequence-per-forward loop of the paper's code (render, processor call and model forward for each pair alone).
+   Target: batched >= 5x the loop.
+2. Scoring ``--n`` candidates for one (image, prompt), relative to scoring ONE candidate with a single plain forward
+   (the loop's cost for one pair): ``score_candidates`` (prefix KV reuse; target <= 2x), ``scorer.score`` on the N
+   pairs (no reuse; reported) and N separate forwards (no reuse; expected ~Nx, checked within 0.75N..1.25N).
+3. Agreement: max |reward difference| between the paths (target <= 1e-4).
+
+Every timing is the median of ``--repeats`` after one warm-up call; torch's default thread count is used (printed).
+Run:  ``/work/venv/bin/python benchmarks/scoring.py [--work-dir runs/bench_scoring] [--pairs 64] [--n 8]
+[--repeats 3] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from vlrm_rlhf.merge import build
+from vlrm_rlhf.reward.inputs import make_sample
+from vlrm_rlhf.reward.scorer import VLRewardScorer, render
+from vlrm_rlhf.testing import zoo
+
+HIDDEN, LAYERS, IMAGE, PATCH = 256, 4, 224, 14
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+              image_size=IMAGE, patch_size=PATCH)
+
+
+def llava_224_spec() -> zoo.FamilySpec:
+    """The zoo's LLaVA spec with a 224 px / patch 14 CLIP tower (the zoo's own is 32 px, 2x32 wide)."""
+    spec = zoo.SPECS["llava"]
+
+    def make(t: dict, ids: dict[str, int]) -> tf.LlavaConfig:
+        return tf.LlavaConfig(text_config=tf.LlamaConfig(**t), vision_config=tf.CLIPVisionConfig(**VISION),
+                              image_token_index=ids["<image>"], image_seq_length=(IMAGE // PATCH) ** 2,
+                              pad_token_id=t["pad_token_id"])
+
+    return dataclasses.replace(
+        spec, make_config=make, image_size=(IMAGE, IMAGE),
+        image_processor=lambda: tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
+                                                         crop_size={"height": IMAGE, "width": IMAGE}),
+        processor_kwargs={**spec.processor_kwargs, "patch_size": PATCH})
+
+
+def build_vlrm(work: Path) -> tuple[Path, Path]:
+    """Write the trio (spec swapped into the zoo only while building) and merge it; returns (vlrm, lvlm) dirs."""
+    saved = zoo.SPECS["llava"]
+    zoo.SPECS["llava"] = llava_224_spec()
+    try:
+        trio = zoo.build_trio("llava", work / "trio", hidden_size=HIDDEN, num_layers=LAYERS)
+    finally:
+        zoo.SPECS["llava"] = saved
+    recipe = zoo.write_quick_recipe(trio, work / "recipe.yaml")
+    return build(recipe, work / "vlrm", force=True, progress=False), trio["lvlm"]
+
+
+def words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(zoo.WORDS[3:]) for _ in range(rng.randint(lo, hi)))
+
+
+@torch.inference_mode()
+def loop_scores(scorer: VLRewardScorer, prompts, responses, images) -> list[float]:
+    """The paper's code: for each pair, render, process and forward it alone (no padding, no batching)."""
+    out = []
+    for p, r, im in zip(prompts, responses, images, strict=True):
+        text = render(scorer.processor, make_sample(p, r, [im]).messages)
+        enc = scorer.processor(text=[text], images=[[im]], return_tensors="pt", add_special_tokens=False)
+        out.append(scorer.model(**enc, use_cache=False).logits[0, 0].item())
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """(median seconds over ``repeats`` after one warm-up, the last result)."""
+    res = fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), res
+
+
+def maxdiff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/bench_scoring"))
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, metavar="OUT")
+    a = ap.parse_args()
+    tf.utils.logging.disable_progress_bar()
+
+    vlrm_dir, lvlm_dir = build_vlrm(a.work_dir.resolve())  # recipe paths resolve against the recipe file
+    scorer = VLRewardScorer.from_pretrained(vlrm_dir)
+    rng = random.Random(0)
+    prompts = [words(rng, 6, 24) + " ?" for _ in range(a.pairs)]
+    responses = [words(rng, 8, 48) + " ." for _ in range(a.pairs)]
+    images = [zoo.demo_image(lvlm_dir, seed=i) for i in range(a.pairs)]
+    n_img_tok = int((scorer.encode(["<image>"], [[images[0]]])["input_ids"] == scorer.model.config.image_token_id).sum())
+    threads = torch.get_num_threads()
+    print(f"VLRM {vlrm_dir}: Llama text {HIDDEN}x{LAYERS}, CLIP {VISION['hidden_size']}x{VISION['num_hidden_layers']} "
+          f"{IMAGE}px/p{PATCH} -> {n_img_tok} image tokens; torch threads {threads}; median of {a.repeats}")
+
+    # 1. pairs/s: batched vs one sequence per forward
+    t_batch, r_batch = timed(lambda: scorer.score(prompts=prompts, responses=responses,
+                                                  images=[[im] for im in images]), a.repeats)
+    t_loop, r_loop = timed(lambda: loop_scores(scorer, prompts, responses, images), a.repeats)
+    speedup = t_loop / t_batch
+
+    # 2. N candidates for one (image, prompt) vs one candidate
+    p0, im0, cands = prompts[0], images[0], [words(rng, 8, 48) + " ." for _ in range(a.n)]
+    t_one, r_one = timed(lambda: loop_scores(scorer, [p0], cands[:1], [im0]), a.repeats)
+    t_reuse, r_reuse = timed(lambda: scorer.score_candidates(p0, cands, [im0]), a.repeats)
+    t_plain, r_plain = timed(lambda: scorer.score(prompts=[p0] * a.n, responses=cands, images=[[im0]] * a.n),
+                             a.repeats)
+    t_loopn, r_loopn = timed(lambda: loop_scores(scorer, [p0] * a.n, cands, [im0] * a.n), a.repeats)
+    diff_pairs = maxdiff(r_batch, r_loop)
+    diff_cands = max(maxdiff(r_reuse, r_loopn), maxdiff(r_plain, r_loopn), abs(r_one[0] - r_loopn[0]))
+
+    n = a.n
+    rows = [  # name, value, target text, pass
+        (f"batched score(), {a.pairs} pairs: pairs/s", a.pairs / t_batch, "", None),
+        (f"one-per-forward loop, {a.pairs} pairs: pairs/s", a.pairs / t_loop, "", None),
+        ("  speedup batched / loop", speedup, ">= 5x", speedup >= 5),
+        ("one candidate, one forward: ms", 1e3 * t_one, "", None),
+        (f"score_candidates (prefix reuse), N={n}: x one", t_reuse / t_one, "<= 2x", t_reuse / t_one <= 2),
+        (f"score() on the {n} pairs (no reuse): x one", t_plain / t_one, "(info)", None),
+        (f"{n} separate forwards (no reuse): x one", t_loopn / t_one, f"~{n}x",
+         0.75 * n <= t_loopn / t_one <= 1.25 * n),
+        (f"max |diff| batched vs loop ({a.pairs} pairs)", diff_pairs, "<= 1e-4", diff_pairs <= 1e-4),
+        (f"max |diff| reuse / score() / loop (N={n})", diff_cands, "<= 1e-4", diff_cands <= 1e-4),
+    ]
+    print(f"\n{'measure':<50} {'value':>12}  {'target':<8} result")
+    for name, v, target, ok in rows:
+        val = f"{v:.2e}" if "diff" in name else f"{v:.2f}"
+        print(f"{name:<50} {val:>12}  {target:<8} {'' if ok is None else ('PASS' if ok else 'FAIL')}")
+    print(f"\n(times, s: batched {t_batch:.3f}, loop {t_loop:.3f}, one {t_one:.4f}, reuse {t_reuse:.4f}, "
+          f"score() {t_plain:.4f}, {n} forwards {t_loopn:.4f})")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({
+            "threads": threads, "repeats": a.repeats, "pairs": a.pairs, "n": n, "image_tokens": n_img_tok,
+            "seconds": {"batched": t_batch, "loop": t_loop, "one": t_one, "reuse": t_reuse, "score_n": t_plain,
+                        "loop_n": t_loopn},
+            "results": [{"measure": name, "value": v, "target": target, "pass": ok} for name, v, target, ok in rows],
+        }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
