@@ -13,7 +13,8 @@ What it measures (one run does everything, on one model):
    pairs (no reuse; reported) and N separate forwards (no reuse; expected ~Nx, checked within 0.75N..1.25N).
 3. Agreement: max |reward difference| between the paths (target <= 1e-4).
 
-Every timing is the median of ``--repeats`` after one warm-up call; torch's default thread count is used (printed).
+Every timing is the median of ``--repeats`` after one warm-up call, the contenders of 1. and of 2. timed in
+interleaved rounds; torch's default thread count is used (printed).
 Run:  ``/work/venv/bin/python benchmarks/scoring.py [--work-dir runs/bench_scoring] [--pairs 64] [--n 8]
 [--repeats 3] [--json out.json]``
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
+from torch.utils.flop_counter import FlopCounterMode
 
 from vlrm_rlhf.merge import build
 from vlrm_rlhf.reward.inputs import make_sample
@@ -84,15 +86,17 @@ def loop_scores(scorer: VLRewardScorer, prompts, responses, images) -> list[floa
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    """(median seconds over ``repeats`` after one warm-up, the last result)."""
-    res = fn()
-    ts = []
+def timed(repeats: int, **fns) -> dict[str, tuple[float, list[float]]]:
+    """name -> (median seconds over ``repeats`` after one warm-up, result); rounds interleave the contenders,
+    so load from other processes hits them alike."""
+    res = {k: f() for k, f in fns.items()}
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), res
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            res[k] = f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(ts[k]), res[k]) for k in fns}
 
 
 def maxdiff(a: list[float], b: list[float]) -> float:
@@ -115,24 +119,29 @@ def main() -> None:
     prompts = [words(rng, 6, 24) + " ?" for _ in range(a.pairs)]
     responses = [words(rng, 8, 48) + " ." for _ in range(a.pairs)]
     images = [zoo.demo_image(lvlm_dir, seed=i) for i in range(a.pairs)]
-    n_img_tok = int((scorer.encode(["<image>"], [[images[0]]])["input_ids"] == scorer.model.config.image_token_id).sum())
+    ids = scorer.encode(["<image>"], [[images[0]]])["input_ids"]
+    n_img_tok = int((ids == scorer.model.config.image_token_id).sum())
     threads = torch.get_num_threads()
     print(f"VLRM {vlrm_dir}: Llama text {HIDDEN}x{LAYERS}, CLIP {VISION['hidden_size']}x{VISION['num_hidden_layers']} "
           f"{IMAGE}px/p{PATCH} -> {n_img_tok} image tokens; torch threads {threads}; median of {a.repeats}")
 
     # 1. pairs/s: batched vs one sequence per forward
-    t_batch, r_batch = timed(lambda: scorer.score(prompts=prompts, responses=responses,
-                                                  images=[[im] for im in images]), a.repeats)
-    t_loop, r_loop = timed(lambda: loop_scores(scorer, prompts, responses, images), a.repeats)
+    m = timed(a.repeats, batch=lambda: scorer.score(prompts=prompts, responses=responses,
+                                                    images=[[im] for im in images]),
+              loop=lambda: loop_scores(scorer, prompts, responses, images))
+    (t_batch, r_batch), (t_loop, r_loop) = m["batch"], m["loop"]
     speedup = t_loop / t_batch
+    with FlopCounterMode(display=False) as fc:  # useful FLOPs (no padding), to read the speedup against peak
+        loop_scores(scorer, prompts, responses, images)
+    gflop = fc.get_total_flops() / 1e9
 
     # 2. N candidates for one (image, prompt) vs one candidate
     p0, im0, cands = prompts[0], images[0], [words(rng, 8, 48) + " ." for _ in range(a.n)]
-    t_one, r_one = timed(lambda: loop_scores(scorer, [p0], cands[:1], [im0]), a.repeats)
-    t_reuse, r_reuse = timed(lambda: scorer.score_candidates(p0, cands, [im0]), a.repeats)
-    t_plain, r_plain = timed(lambda: scorer.score(prompts=[p0] * a.n, responses=cands, images=[[im0]] * a.n),
-                             a.repeats)
-    t_loopn, r_loopn = timed(lambda: loop_scores(scorer, [p0] * a.n, cands, [im0] * a.n), a.repeats)
+    m = timed(a.repeats, one=lambda: loop_scores(scorer, [p0], cands[:1], [im0]),
+              reuse=lambda: scorer.score_candidates(p0, cands, [im0]),
+              plain=lambda: scorer.score(prompts=[p0] * a.n, responses=cands, images=[[im0]] * a.n),
+              loopn=lambda: loop_scores(scorer, [p0] * a.n, cands, [im0] * a.n))
+    (t_one, r_one), (t_reuse, r_reuse), (t_plain, r_plain), (t_loopn, r_loopn) = m.values()
     diff_pairs = maxdiff(r_batch, r_loop)
     diff_cands = max(maxdiff(r_reuse, r_loopn), maxdiff(r_plain, r_loopn), abs(r_one[0] - r_loopn[0]))
 
@@ -153,14 +162,16 @@ def main() -> None:
     for name, v, target, ok in rows:
         val = f"{v:.2e}" if "diff" in name else f"{v:.2f}"
         print(f"{name:<50} {val:>12}  {target:<8} {'' if ok is None else ('PASS' if ok else 'FAIL')}")
-    print(f"\n(times, s: batched {t_batch:.3f}, loop {t_loop:.3f}, one {t_one:.4f}, reuse {t_reuse:.4f}, "
+    print(f"\nuseful compute: {gflop / a.pairs:.2f} GFLOP/pair -> loop sustains {gflop / t_loop:.0f} GFLOP/s, "
+          f"batched {gflop / t_batch:.0f} GFLOP/s (batching can only win up to the CPU's peak / the loop's rate)")
+    print(f"(times, s: batched {t_batch:.3f}, loop {t_loop:.3f}, one {t_one:.4f}, reuse {t_reuse:.4f}, "
           f"score() {t_plain:.4f}, {n} forwards {t_loopn:.4f})")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({
             "threads": threads, "repeats": a.repeats, "pairs": a.pairs, "n": n, "image_tokens": n_img_tok,
-            "seconds": {"batched": t_batch, "loop": t_loop, "one": t_one, "reuse": t_reuse, "score_n": t_plain,
-                        "loop_n": t_loopn},
+            "gflop_pairs": gflop, "seconds": {"batched": t_batch, "loop": t_loop, "one": t_one, "reuse": t_reuse,
+                                              "score_n": t_plain, "loop_n": t_loopn},
             "results": [{"measure": name, "value": v, "target": target, "pass": ok} for name, v, target, ok in rows],
         }, indent=1) + "\n")
 

@@ -1,4 +1,4 @@
-"""Command line: ``vlrm-rlhf merge|families|demo``."""
+"""Command line: ``vlrm-rlhf merge|families|demo|rerank|score``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,132 @@ def demo(
 
     warnings.showwarning = _show_warning
     run_quickstart(work_dir, family=family, seed=seed)
+
+
+# ---- reward scoring of JSONL files: rerank (best-of-n evaluation) and score ---------------------------------
+_MODES = ("vlrm", "no_image", "text_rm", "cascade")
+
+
+def _check_mode(mode: str, lvlm: Path | None) -> None:
+    """Exit 2 unless --mode and --lvlm go together."""
+    if mode not in _MODES:
+        _fail(f"unknown --mode {mode!r}: use {', '.join(_MODES)}")
+    if lvlm is not None and mode != "cascade":
+        _fail("--lvlm is only used with --mode cascade")
+    if mode == "cascade" and lvlm is None:
+        _fail("--mode cascade needs --lvlm DIR (the LVLM that captions the images)")
+
+
+def _load_scorer(model: Path, mode: str, lvlm: Path | None):
+    """The scorer for --model/--mode/--lvlm, or exit 2 with the reason."""
+    from .reward.scorer import ScorerError, VLRewardScorer
+
+    try:
+        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm)
+    except (ScorerError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"cannot load reward model {model} (mode {mode}): {reason}")
+
+
+@app.command()
+def rerank(
+    input: Path = typer.Option(..., "--input", "-i", help="Best-of-n JSONL (id, input, responses, correctness)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Reward model directory (a VLRM, or a text RM)."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade."),
+    lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Folder of images named {id}.jpg|.png."),
+    image_key: str = typer.Option("id", "--image-key", help="Row field that names the image file."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the rows back with 'scores' (JSONL, atomic)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
+    n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
+) -> None:
+    """Score every response of a best-of-n file and report Pass@1, Pass@N, Random and RM accuracy.
+
+    The last line of stdout is one JSON object with the metrics (percent), n and count.
+    """
+    import json
+    import time
+
+    from . import bon
+    from .bon import RecordError
+
+    warnings.showwarning = _show_warning
+    _check_mode(mode, lvlm)
+    try:
+        if out is not None:
+            bon.check_writable(out, force)
+        if images_dir is not None and not images_dir.is_dir():
+            raise RecordError(f"--images-dir {images_dir} is not a folder")
+        lines = bon.read_jsonl(input)
+        records = [r for _, r in lines]
+        names = [f"{input} line {ln}" + (f" (id {r['id']})" if "id" in r else "") for ln, r in lines]
+        paths = []
+        for i, (name, rec) in enumerate(zip(names, records, strict=True)):
+            bon.check_record(i, rec, n, where=name)
+            path = None if mode in bon.TEXT_MODES else bon.find_row_image(rec, name, input.parent, images_dir, image_key)
+            if path is None and mode not in bon.TEXT_MODES:
+                raise RecordError(f"{name}: no image, and --mode {mode} needs one per row: give --images-dir "
+                                  f"(files named {{{image_key}}}.jpg|.png) or an 'image' path in each row, "
+                                  "or score text only with --mode text_rm|no_image")
+            paths.append(path)
+    except (RecordError, OSError) as e:
+        _fail(str(e))
+    scorer = _load_scorer(model, mode, lvlm)
+    t0 = time.perf_counter()
+    try:
+        scores = bon.score_bon_rows(scorer, records, paths, n=n, batch_size=batch_size, names=names)
+        it = iter(scores)  # rerank_records asks for the rows' scores in order: hand over the precomputed ones
+        rows, metrics = bon.rerank_records(records, lambda rec, resp: next(it), n=n)
+        if out is not None:
+            bon.write_jsonl_atomic(rows, out, force=force)
+    except (RecordError, OSError) as e:
+        _fail(str(e))
+    dt = time.perf_counter() - t0
+    k = metrics["n"]
+    typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
+               f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
+    for label, key in (("Pass@1", "pass@1"), (f"Pass@{k}", "pass@n"), ("Random", "random"),
+                       ("RM accuracy", "rm_accuracy"), ("  ties->first", "rm_accuracy_first"),
+                       ("tie rate", "tie_rate")):
+        typer.echo(f"  {label:14s} {metrics[key]:7.2f} %")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+    typer.echo(json.dumps({k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics.items()}))
+
+
+@app.command()
+def score(
+    input: Path = typer.Option(..., "--input", "-i", help="JSONL rows {image|images, prompt, response}."),
+    model: Path = typer.Option(..., "--model", "-m", help="Reward model directory (a VLRM, or a text RM)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Write the rows back with 'reward' (JSONL, atomic)."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade."),
+    lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per scoring call."),
+) -> None:
+    """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
+    from . import bon
+    from .bon import RecordError
+
+    warnings.showwarning = _show_warning
+    _check_mode(mode, lvlm)
+    try:
+        bon.check_writable(out, force)
+        lines = bon.read_jsonl(input)
+        records = [r for _, r in lines]
+        names = [f"{input} line {ln}" for ln, _ in lines]
+        paths = [[] if mode in bon.TEXT_MODES else bon.row_image_paths(r, nm, input.parent)
+                 for nm, r in zip(names, records, strict=True)]
+    except (RecordError, OSError) as e:
+        _fail(str(e))
+    scorer = _load_scorer(model, mode, lvlm)
+    try:
+        rewards = bon.score_records(scorer, records, paths, batch_size=batch_size, names=names)
+        bon.write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
+    except (RecordError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} ({len(rewards)} rows, mean reward {sum(rewards) / len(rewards):+.4f})")
 
 
 def main() -> None:

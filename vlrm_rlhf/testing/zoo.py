@@ -95,7 +95,6 @@ class FamilySpec:
     vocab_rows: Callable[[int, int], int] = lambda n_base, n_tok: n_tok  # text_config.vocab_size
     image_size: tuple[int, int] = (32, 32)
     # processor_cls None: text of image ``i`` replacing one placeholder, from image inputs + config.json
-    expand: Callable[[Mapping[str, Any], int, dict[str, Any]], str] | None = None
     randomize: str | None = None  # regex of zero-initialised params that would make images irrelevant
     notes: str = ""
 
@@ -165,17 +164,6 @@ _IDEFICS_IMAGE = dict(size={"longest_edge": 32}, max_image_size={"longest_edge":
 _QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def _qwen_expand(image_inputs: Mapping[str, Any], i: int, cfg: dict[str, Any]) -> str:
-    n = int(image_inputs["image_grid_thw"][i].prod()) // cfg["vision_config"]["spatial_merge_size"] ** 2
-    return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
-
-
-def _smolvlm_expand(image_inputs: Mapping[str, Any], i: int, cfg: dict[str, Any]) -> str:
-    v = cfg["vision_config"]
-    n = (v["image_size"] // v["patch_size"]) ** 2 // cfg["scale_factor"] ** 2
-    return "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>"
-
-
 def _qwen_image() -> Any:
     return tf.Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
 
@@ -184,7 +172,7 @@ _LLAMA = dict(text_config_cls="LlamaConfig", causal_lm_cls="LlamaForCausalLM", s
 _QWEN: dict[str, Any] = dict(  # shared by Qwen2-VL and Qwen2.5-VL
     text_config_cls="Qwen2Config", causal_lm_cls="Qwen2ForCausalLM", seq_cls="Qwen2ForSequenceClassification",
     mm_tokens=_QWEN_TOKENS, image_placeholder="<|vision_start|><|image_pad|><|vision_end|>", tokenizer="bytelevel_bpe",
-    image_processor=_qwen_image, processor_cls=None, image_size=(56, 56), expand=_qwen_expand,
+    image_processor=_qwen_image, processor_cls=None, image_size=(56, 56),
     named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     notes="AutoProcessor needs torchvision (video processor): tokenizer + image processor saved separately; "
@@ -226,7 +214,7 @@ SPECS: dict[str, FamilySpec] = {
     "smolvlm": FamilySpec(
         **_LLAMA, lvlm_cls="SmolVLMForConditionalGeneration", mm_tokens=_IDEFICS_TOKENS, image_placeholder="<image>",
         make_config=_idefics_cfg("SmolVLMConfig", "SmolVLMVisionConfig"), processor_cls=None,
-        image_processor=lambda: tf.SmolVLMImageProcessorPil(**_IDEFICS_IMAGE), expand=_smolvlm_expand,
+        image_processor=lambda: tf.SmolVLMImageProcessorPil(**_IDEFICS_IMAGE),
         named_tokens={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
                       "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"},
         notes="SmolVLMProcessor needs num2words and a torchvision video processor: tokenizer + image "
@@ -479,9 +467,9 @@ def write_quick_recipe(trio: Mapping[str, str | Path], path: str | Path, method:
                        output: str = "vlrm") -> Path:
     """Write a mergekit-style YAML recipe merging ``trio``'s RM into its LVLM over its base.
 
-    Paths are written as double-quoted (JSON) strings, which YAML reads verbatim.
+    Paths are written absolute, as double-quoted (JSON) strings, which YAML reads verbatim.
     """
-    path, q = Path(path), {k: json.dumps(str(v)) for k, v in trio.items()}
+    path, q = Path(path), {k: json.dumps(str(Path(v).resolve())) for k, v in trio.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"merge_method: {method}\n"
@@ -508,27 +496,11 @@ def demo_image(lvlm_dir: str | Path, seed: int = 0) -> Image.Image:
 def lvlm_inputs(lvlm_dir: str | Path, prompt: str | list[dict[str, Any]], images: Sequence[Image.Image]) -> BatchFeature:
     """Model inputs (torch tensors) for one prompt (text with placeholders, or chat messages).
 
-    Uses ``AutoProcessor`` where it loads.  Qwen2-VL/2.5-VL and SmolVLM processors cannot be
-    built here (torchvision video processor, num2words), so the tokenizer and image processor
-    are loaded separately and placeholders are expanded as their processors do (including
-    Qwen's ``mm_token_type_ids`` needed for M-RoPE).
-    """
-    d = Path(lvlm_dir)
-    spec = SPECS[json.loads((d / "zoo.json").read_text())["family"]]
-    if spec.expand is None:
-        proc = tf.AutoProcessor.from_pretrained(d)
-        text = prompt if isinstance(prompt, str) else proc.apply_chat_template(prompt, add_generation_prompt=True)
-        return proc(images=list(images), text=text, return_tensors="pt")
-    tok, cfg = tf.AutoTokenizer.from_pretrained(d), json.loads((d / "config.json").read_text())
-    text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, tokenize=False,
-                                                                           add_generation_prompt=True)
-    pieces = text.split(spec.image_placeholder)
-    if len(pieces) != len(images) + 1:
-        raise ValueError(f"{len(pieces) - 1} placeholders {spec.image_placeholder!r} for {len(images)} images")
-    img = dict(tf.AutoImageProcessor.from_pretrained(d)(images=[list(images)], return_tensors="pt"))
-    img.pop("rows", None), img.pop("cols", None)
-    text = pieces[0] + "".join(spec.expand(img, i, cfg) + p for i, p in enumerate(pieces[1:]))
-    enc = dict(tok(text, return_tensors="pt"))
-    if "image_grid_thw" in img:
-        enc["mm_token_type_ids"] = (enc["input_ids"] == cfg["image_token_id"]).int()
-    return BatchFeature({**enc, **img})
+    Uses the same processor loading as the scorer: ``AutoProcessor`` where it loads, else the image-only
+    fallback for Qwen2-VL/2.5-VL and SmolVLM (whose processors need torchvision)."""
+    from ..reward.processing import load_processor
+
+    proc = load_processor(lvlm_dir)
+    text = prompt if isinstance(prompt, str) else proc.apply_chat_template(prompt, tokenize=False,
+                                                                            add_generation_prompt=True)
+    return proc(text=[text], images=[list(images)] if images else None, return_tensors="pt")

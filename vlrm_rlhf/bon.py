@@ -1,0 +1,494 @@
+"""Best-of-N with a reward model: online (sample N from a policy, keep the best) and offline reranking.
+
+``best_of_n`` samples N candidates per prompt from a policy LVLM, scores them with a ``VLRewardScorer``
+(``score_candidates``: the images and the prompt are encoded once for all N) and keeps the argmax.
+
+``rerank_records`` / ``bon_metrics`` evaluate a reward model as a best-of-N selector on the best-of-n format
+published with the paper (arXiv 2502.13487): one JSON object per question with ``responses`` (N sampled
+answers) and ``correctness`` (their graded accuracy). The paper reports Pass@1, Pass@N, Random and RM accuracy.
+
+Ties: an argmax over tied scores is a coin flip that the paper's ``np.argmax`` silently resolved to the lowest
+index, which biases RM accuracy towards Pass@1 for a reward model that gives many candidates the same score
+(duplicate answers always do). Here a tie counts as the *expected* correctness of a uniformly random pick among
+the tied candidates; ``tie_rate`` and ``rm_accuracy_first`` (the paper's convention) are reported beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .reward.inputs import InputError, load_image, make_sample
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BestOfN", "RecordError", "best_of_n", "bon_metrics", "check_record", "find_row_image", "prompt_seed",
+           "read_jsonl", "rerank_records", "score_bon_rows", "score_records", "tied_indices", "write_jsonl_atomic"]
+
+TieBreak = Literal["first", "random"]
+
+
+class RecordError(InputError):
+    """A best-of-n record (or a scorer's answer for it) that cannot be evaluated; the message names the row."""
+
+
+@dataclass
+class BestOfN:
+    """The outcome for one prompt: the chosen candidate and everything needed to audit the choice.
+
+    ``scores[i]`` is the reward of ``candidates[i]`` (``-inf`` for an empty candidate, which cannot be scored);
+    ``tied`` lists every index whose score equals the best one (length > 1 means the choice was a tie-break).
+    """
+
+    best: str
+    best_index: int
+    candidates: list[str]
+    scores: list[float]
+    tied: list[int] = field(default_factory=list)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for prompt ``index`` of a run seeded with ``seed``: stable across runs and platforms."""
+    digest = hashlib.blake2b(f"vlrm-rlhf/bon/{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def tied_indices(scores: Sequence[float]) -> list[int]:
+    """Indices of the maximal score (exact equality: identical texts get bit-identical scores here)."""
+    if not scores:
+        raise ValueError("no scores")
+    best = max(scores)
+    return [i for i, s in enumerate(scores) if s == best]
+
+
+# ------------------------------------------------------------------------------------------------ online
+def best_of_n(
+    policy: Any,
+    processor: Any,
+    scorer: Any,
+    conversations: Sequence[Any],
+    images: Sequence[Any] | None = None,
+    n: int = 8,
+    *,
+    seed: int | None = None,
+    tie_break: TieBreak = "first",
+    **generation_kwargs: Any,
+) -> list[BestOfN]:
+    """Sample ``n`` responses per prompt from ``policy``, score them with ``scorer`` and keep the best.
+
+    ``conversations[i]`` is a prompt: a string or chat messages (TRL conversational format, image blocks may
+    carry their image); ``images[i]`` its images (None, one image, or a list; PIL or paths). Each prompt is
+    rendered with the processor's chat template (generation prompt added) and encoded once; ``generate`` is
+    called with ``num_return_sequences=n`` so the image encoder runs once per prompt. Sampling defaults to
+    ``do_sample=True`` and ``max_new_tokens=128``; ``generation_kwargs`` override. With ``seed``, prompt ``i`` is
+    sampled under ``torch.manual_seed(prompt_seed(seed, i))`` inside a forked RNG (the global RNG is left
+    untouched), so results are reproducible and do not depend on the other prompts (a hash, not ``seed + i``:
+    consecutive seeds would otherwise replay each other's streams shifted by one prompt).
+
+    Only the new tokens are decoded (special tokens skipped, whitespace stripped). Candidates are scored with
+    ``scorer.score_candidates`` (shared image+prompt prefix encoded once); identical texts are scored once, so
+    they tie exactly. An empty candidate cannot be scored and gets ``-inf``. Ties for the best score are broken
+    by ``tie_break`` ("first": lowest index, deterministic; "random": uniformly, seeded by ``prompt_seed(seed, i)``) and
+    reported in ``BestOfN.tied`` and one logged warning with the count of tied prompts. Without ``seed`` sampling
+    uses (and advances) the global torch RNG.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if tie_break not in ("first", "random"):
+        raise ValueError(f"tie_break must be 'first' or 'random', not {tie_break!r}")
+    if images is not None and len(images) != len(conversations):
+        raise InputError(f"{len(images)} image entries for {len(conversations)} prompts")
+    tok = getattr(processor, "tokenizer", processor)
+    gen = {"do_sample": True, **generation_kwargs, "num_return_sequences": n}
+    gcfg = getattr(policy, "generation_config", None)
+    if "max_new_tokens" not in gen and "max_length" not in gen and getattr(gcfg, "max_new_tokens", None) is None:
+        gen["max_new_tokens"] = 128
+    if "pad_token_id" not in gen and getattr(gcfg, "pad_token_id", None) is None:
+        gen["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(policy.parameters()).device
+    results: list[BestOfN] = []
+    for i, conv in enumerate(conversations):
+        sample = make_sample(conv, None, images[i] if images is not None else None, i)
+        enc = _encode_prompt(processor, sample.messages, sample.images, device)
+        prompt_len = int(enc["input_ids"].shape[1])
+        # seeded: a private RNG stream per prompt (forked, so the caller's RNG is untouched); unseeded: the
+        # global RNG, advanced as usual (forking there would replay the same samples on every call)
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
+            else contextlib.nullcontext()
+        with rng, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(prompt_seed(seed, i))
+            out = policy.generate(**enc, **gen)
+        candidates = [t.strip() for t in tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)]
+        scores = _score_unique(scorer, sample.messages, candidates, sample.images)
+        tied = tied_indices(scores)
+        if tie_break == "first" or len(tied) == 1:
+            pick = tied[0]
+        else:
+            pick = (random.Random(prompt_seed(seed, i)) if seed is not None else random).choice(tied)
+        results.append(BestOfN(candidates[pick], pick, candidates, scores, tied))
+    n_tied = sum(len(r.tied) > 1 for r in results)
+    if n_tied:
+        log.warning("best_of_n: %d of %d prompts had tied best scores; broken by tie_break=%r",
+                    n_tied, len(results), tie_break)
+    return results
+
+
+def _encode_prompt(processor: Any, messages: list[dict], images: list, device: torch.device) -> dict[str, Any]:
+    """Model inputs for one prompt with its generation prompt, rendered as the scorer renders (fixed date)."""
+    from .reward.scorer import _date_kwargs
+
+    owner = processor if getattr(processor, "chat_template", None) is not None else getattr(processor, "tokenizer", processor)
+    if getattr(owner, "chat_template", None) is not None:
+        text = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **_date_kwargs(owner))
+        special = False  # the template writes BOS itself where the model wants one (as apply_chat_template does)
+    else:
+        text = "\n".join(" ".join(b["text"] for b in m["content"] if b.get("type") == "text") for m in messages)
+        special = True
+    if images:
+        enc = processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=special)
+    else:
+        enc = getattr(processor, "tokenizer", processor)(text=[text], return_tensors="pt", add_special_tokens=special)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(enc).items()}
+
+
+def _score_unique(scorer: Any, prompt: Any, candidates: list[str], images: list) -> list[float]:
+    """Scores of the candidates, each distinct non-empty text scored once (``-inf`` for empty ones)."""
+    unique = list(dict.fromkeys(c for c in candidates if c))
+    if not unique:
+        return [-math.inf] * len(candidates)
+    got = dict(zip(unique, scorer.score_candidates(prompt, unique, list(images) or None), strict=True))
+    return [float(got[c]) if c else -math.inf for c in candidates]
+
+
+# ----------------------------------------------------------------------------------------------- offline
+def bon_metrics(correctness_lists: Sequence[Sequence[float]], score_lists: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The paper's best-of-N metrics, in percent, for rows of candidate correctness and reward scores.
+
+    * ``pass@1``: correctness of the first candidate (one sample from the policy);
+    * ``pass@n``: best correctness among the N candidates (an oracle selector, the upper bound);
+    * ``random``: mean correctness (a uniformly random pick, the expected value of a useless RM);
+    * ``rm_accuracy``: correctness of the reward model's argmax. A tie in the argmax counts as the *expected*
+      correctness over the tied set (mean of their correctness), i.e. a uniformly random tie-break, not the
+      lowest index that the paper's ``np.argmax`` silently took; that convention is ``rm_accuracy_first``.
+
+    Also: ``n`` (candidates per row, must be the same for every row), ``count`` (rows) and ``tie_rate``
+    (percent of rows whose argmax is tied). NaN or infinite correctness, NaN scores, or rows of unequal length
+    raise ``RecordError``.
+    """
+    if len(correctness_lists) != len(score_lists):
+        raise RecordError(f"{len(correctness_lists)} correctness rows but {len(score_lists)} score rows")
+    if not correctness_lists:
+        raise RecordError("no rows to evaluate")
+    ns = set()
+    p1 = pn = rnd = acc = first = ties = 0.0
+    for i, (c, s) in enumerate(zip(correctness_lists, score_lists, strict=True)):
+        c, s = [float(x) for x in c], [float(x) for x in s]
+        if not c or len(c) != len(s):
+            raise RecordError(f"row {i}: {len(c)} correctness values for {len(s)} scores")
+        if any(not math.isfinite(x) for x in c):
+            raise RecordError(f"row {i}: non-finite correctness {c}")
+        if any(math.isnan(x) for x in s):
+            raise RecordError(f"row {i}: NaN score {s}")
+        ns.add(len(c))
+        tied = tied_indices(s)
+        p1 += c[0]
+        pn += max(c)
+        rnd += sum(c) / len(c)
+        acc += sum(c[j] for j in tied) / len(tied)
+        first += c[tied[0]]
+        ties += len(tied) > 1
+    if len(ns) > 1:
+        raise RecordError(f"rows have different numbers of candidates {sorted(ns)}: Pass@N needs one N "
+                          "(evaluate the first n of each row)")
+    k = len(correctness_lists)
+    return {"pass@1": 100 * p1 / k, "pass@n": 100 * pn / k, "random": 100 * rnd / k, "rm_accuracy": 100 * acc / k,
+            "rm_accuracy_first": 100 * first / k, "tie_rate": 100 * ties / k, "n": ns.pop(), "count": k}
+
+
+def _row_name(i: int, rec: Mapping[str, Any]) -> str:
+    return f"row {i}" + (f" (id {rec['id']})" if isinstance(rec, Mapping) and "id" in rec else "")
+
+
+def check_record(i: int, rec: Any, n: int | None = None, where: str | None = None) -> tuple[list[str], list[float]]:
+    """The first ``n`` responses and correctness of a best-of-n record, validated.
+
+    Errors name the row as ``where`` (default ``row i (id ...)``).
+    """
+    if not isinstance(rec, Mapping):
+        raise RecordError(f"{where or f'row {i}'}: expected a JSON object, got {type(rec).__name__}")
+    where = where or _row_name(i, rec)
+    for key in ("responses", "correctness"):
+        if not isinstance(rec.get(key), list):
+            raise RecordError(f"{where}: missing list field {key!r}")
+    resp, corr = rec["responses"], rec["correctness"]
+    if len(resp) != len(corr):
+        raise RecordError(f"{where}: {len(resp)} responses but {len(corr)} correctness values")
+    if n is not None:
+        if len(resp) < n:
+            raise RecordError(f"{where}: {len(resp)} responses, fewer than n={n}")
+        resp, corr = resp[:n], corr[:n]
+    if not resp:
+        raise RecordError(f"{where}: no responses")
+    if not all(isinstance(r, str) for r in resp):
+        raise RecordError(f"{where}: responses must be strings")
+    try:
+        corr = [float(x) for x in corr]
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"{where}: correctness must be numbers ({e})") from None
+    return list(resp), corr
+
+
+def rerank_records(
+    records: Iterable[Mapping[str, Any]],
+    scorer_fn: Callable[[Mapping[str, Any], list[str]], Sequence[float]],
+    n: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score every record's responses and compute the best-of-N metrics (see ``bon_metrics``).
+
+    ``scorer_fn(record, responses)`` returns one reward per response (``responses``: the record's first ``n``,
+    or all of them). Returns copies of the records with ``"scores"`` added (covering the first ``n`` responses;
+    other fields untouched) and the metrics. Scorer ``InputError``s are re-raised naming the row.
+    """
+    rows: list[dict[str, Any]] = []
+    corr_lists, score_lists = [], []
+    for i, rec in enumerate(records):
+        resp, corr = check_record(i, rec, n)
+        try:
+            scores = [float(x) for x in scorer_fn(rec, resp)]
+        except RecordError:
+            raise
+        except InputError as e:
+            raise RecordError(f"{_row_name(i, rec)}: {e}") from e
+        if len(scores) != len(resp):
+            raise RecordError(f"{_row_name(i, rec)}: the scorer returned {len(scores)} scores for {len(resp)} responses")
+        rows.append({**rec, "scores": scores})
+        corr_lists.append(corr)
+        score_lists.append(scores)
+    return rows, bon_metrics(corr_lists, score_lists)
+
+
+# ------------------------------------------------------------------------------------------ files (CLI)
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+TEXT_MODES = ("text_rm", "no_image")  # modes that never look at the images
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"input file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    if not rows:
+        raise RecordError(f"{path} has no rows")
+    return rows
+
+
+def check_writable(out: str | Path, force: bool) -> Path:
+    """Fail early (before any scoring) if ``out`` exists and may not be replaced, or its folder is missing."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output file {out} already exists (use --force to replace it)")
+    if out.is_dir():
+        raise FileExistsError(f"output path {out} is a directory")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def write_jsonl_atomic(rows: Iterable[Mapping[str, Any]], out: str | Path, *, force: bool = False) -> Path:
+    """Write rows as JSONL to a temporary file beside ``out``, then move it into place in one step.
+
+    A reader never sees a half-written file, and a crash leaves any previous file intact. Without ``force`` an
+    existing ``out`` is never replaced (checked again at the final link, so a file created meanwhile survives).
+    """
+    out = check_writable(out, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails if out appeared meanwhile: never clobber without --force
+            except FileExistsError:
+                raise FileExistsError(f"output file {out} already exists (use --force to replace it)") from None
+            except OSError:  # filesystems without hard links
+                if out.exists():
+                    raise FileExistsError(f"output file {out} already exists (use --force to replace it)") from None
+                os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def find_row_image(rec: Mapping[str, Any], where: str, base_dir: Path, images_dir: Path | None,
+                   image_key: str = "id") -> Path | None:
+    """A best-of-n row's image file: its ``image`` path (relative to ``base_dir``, the input file's folder),
+    else ``{images_dir}/{rec[image_key]}`` with a .jpg/.png/.jpeg suffix; None when neither applies."""
+    if rec.get("image"):
+        p = Path(rec["image"])
+        p = p if p.is_absolute() else base_dir / p
+        if not p.is_file():
+            raise RecordError(f"{where}: image file not found: {p}")
+        return p
+    if images_dir is None:
+        return None
+    if rec.get(image_key) is None:
+        raise RecordError(f"{where}: no {image_key!r} field to find its image in {images_dir} (see --image-key)")
+    tried = [images_dir / f"{rec[image_key]}{s}" for s in IMAGE_SUFFIXES]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise RecordError(f"{where}: image file not found: {tried[0]} (also tried {', '.join(p.suffix for p in tried[1:])})")
+
+
+def score_bon_rows(
+    scorer: Any,
+    records: Sequence[Mapping[str, Any]],
+    image_paths: Sequence[Path | None],
+    *,
+    n: int | None = None,
+    batch_size: int = 8,
+    names: Sequence[str] | None = None,
+) -> list[list[float]]:
+    """Rewards of every row's (first ``n``) responses to its ``input`` with its image, if any.
+
+    A row with an image is scored alone with ``scorer.score_candidates`` (image + prompt encoded once for its
+    candidates). Rows without an image are scored ``batch_size`` rows per ``scorer.score`` call (the scorer
+    micro-batches under its token budget). Within a row each distinct response is scored once, so duplicates
+    tie exactly. ``InputError``s are re-raised naming the row (``names[i]``, default ``row i``).
+    """
+    names = list(names) if names is not None else [_row_name(i, r) for i, r in enumerate(records)]
+    out: list[list[float] | None] = [None] * len(records)
+    pending: list[int] = []
+
+    def prompt_of(i: int) -> Any:
+        p = records[i].get("input")
+        if not isinstance(p, str | list) or not p:
+            raise RecordError(f"{names[i]}: missing prompt field 'input'")
+        return p
+
+    def flush() -> None:
+        if not pending:
+            return
+        uniq = {i: list(dict.fromkeys(check_record(i, records[i], n, names[i])[0])) for i in pending}
+        prompts = [prompt_of(i) for i in pending for _ in uniq[i]]
+        responses = [r for i in pending for r in uniq[i]]
+        try:
+            flat = scorer.score(prompts=prompts, responses=responses)
+        except InputError as e:  # re-run row by row to name the culprit
+            for i in pending:
+                try:
+                    scorer.score(prompts=[prompt_of(i)] * len(uniq[i]), responses=uniq[i])
+                except InputError as e2:
+                    raise RecordError(f"{names[i]}: {e2}") from e2
+            raise RecordError(str(e)) from e
+        it = iter(flat)
+        for i in pending:
+            got = {r: float(next(it)) for r in uniq[i]}
+            out[i] = [got[r] for r in check_record(i, records[i], n, names[i])[0]]
+        pending.clear()
+
+    for i, (rec, path) in enumerate(zip(records, image_paths, strict=True)):
+        resp = check_record(i, rec, n, names[i])[0]
+        if path is None:
+            pending.append(i)
+            if len(pending) >= batch_size:
+                flush()
+            continue
+        uniq = list(dict.fromkeys(resp))
+        try:
+            image = load_image(path, where=f"{names[i]}: ")
+            got = dict(zip(uniq, scorer.score_candidates(prompt_of(i), uniq, [image]), strict=True))
+        except RecordError:
+            raise
+        except InputError as e:
+            raise RecordError(f"{names[i]}: {e}") from e
+        out[i] = [float(got[r]) for r in resp]
+    flush()
+    assert all(s is not None for s in out)
+    return out  # type: ignore[return-value]
+
+
+def row_image_paths(rec: Mapping[str, Any], where: str, base_dir: Path) -> list[Path]:
+    """Image files of a ``score`` row: ``image`` (a path or null) and/or ``images`` (paths), relative to
+    ``base_dir``; every file must exist (the error names the row and the file)."""
+    raw = rec.get("images") or []
+    if not isinstance(raw, list):
+        raise RecordError(f"{where}: 'images' must be a list of paths")
+    if rec.get("image") is not None:
+        if raw:
+            raise RecordError(f"{where}: give 'image' or 'images', not both")
+        raw = [rec["image"]]
+    paths = []
+    for x in raw:
+        if not isinstance(x, str) or not x:
+            raise RecordError(f"{where}: image paths must be non-empty strings, got {x!r}")
+        p = Path(x) if Path(x).is_absolute() else base_dir / x
+        if not p.is_file():
+            raise RecordError(f"{where}: image file not found: {p}")
+        paths.append(p)
+    return paths
+
+
+def score_records(
+    scorer: Any,
+    records: Sequence[Mapping[str, Any]],
+    image_paths: Sequence[Sequence[Path]],
+    *,
+    batch_size: int = 32,
+    names: Sequence[str] | None = None,
+) -> list[float]:
+    """Reward of each ``{"prompt", "response"}`` row with its images, ``batch_size`` rows per scorer call.
+
+    Images are loaded one batch at a time; every error names its row (``names[i]``, default ``row i``).
+    """
+    names = list(names) if names is not None else [f"row {i}" for i in range(len(records))]
+    rewards: list[float] = []
+    for start in range(0, len(records), batch_size):
+        samples = []
+        for i in range(start, min(start + batch_size, len(records))):
+            rec = records[i]
+            if not isinstance(rec.get("prompt"), str | list) or not rec["prompt"]:
+                raise RecordError(f"{names[i]}: missing 'prompt'")
+            if not isinstance(rec.get("response"), str | list):
+                raise RecordError(f"{names[i]}: missing 'response'")
+            try:
+                images = [load_image(p) for p in image_paths[i]]
+                samples.append(make_sample(rec["prompt"], rec["response"], images or None, i))
+            except InputError as e:
+                raise RecordError(f"{names[i]}: {str(e).removeprefix(f'sample {i}: ')}") from e
+        try:
+            rewards += [float(x) for x in scorer.score_samples(samples)]
+        except InputError as e:
+            raise RecordError(f"rows {names[start]}..{names[start + len(samples) - 1]}: {e}") from e
+    return rewards
