@@ -120,6 +120,9 @@ def test_truncation_cuts_the_prompt_never_the_response(vlrm):
     long_prompt = "what is the color of the car " * 8 + "?"
     with pytest.warns(UserWarning, match="prompt truncated by"):
         r = sc.score(prompts=[long_prompt], responses=["the car is red ."])
+    with mock.patch.object(sc.model, "forward", wraps=sc.model.forward) as spy, pytest.warns(UserWarning):
+        sc.score(prompts=[long_prompt], responses=["the car is red ."])
+    assert spy.call_args.kwargs["input_ids"].shape[1] <= 30, "the forward must see the truncated text"
     assert r[0] == r[0]
     with pytest.raises(InputError, match="sample 0: the response .* longer than the context"):
         sc.score(prompts=["what ?"], responses=["the car is red . " * 20])

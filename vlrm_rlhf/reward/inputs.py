@@ -70,10 +70,12 @@ def _blocks(content: Any) -> list[dict]:
     for b in content:
         if isinstance(b, str):
             out.append({"type": "text", "text": b})
-        elif b.get("type") in ("image", "image_url") or "image" in b:
-            out.append({"type": "image", **({"image": b["image"]} if b.get("image") is not None else {})})
+            continue
+        b = {k: v for k, v in b.items() if v is not None}  # Arrow fills absent fields of mixed blocks with None
+        if b.get("type") in ("image", "image_url") or ("type" not in b and "image" in b):
+            out.append({"type": "image", **({"image": b["image"]} if "image" in b else {})})
         else:
-            out.append(dict(b))
+            out.append(b)
     return out
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,16 @@ log = logging.getLogger(__name__)
 Mode = Literal["vlrm", "no_image", "text_rm", "cascade"]
 FIXED_DATE = datetime(2024, 7, 26)  # rendered wherever a chat template asks for "today"
 CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass
+class Plan:
+    """Samples ready to score: rendered (and truncated) texts, token lengths, micro-batches of indices."""
+
+    samples: list[Sample]
+    texts: list[str]
+    lengths: list[int]
+    batches: list[list[int]]
 
 
 class ScorerError(ValueError):
@@ -196,21 +207,33 @@ class VLRewardScorer:
 
     @torch.no_grad()
     def score_samples(self, samples: list[Sample]) -> list[float]:
-        """Rewards for prepared Samples, micro-batched under the token budget, in input order."""
-        samples = [self._for_mode(s) for s in samples]
-        texts = [self._render(s, i) for i, s in enumerate(samples)]
-        lengths = [self._length(t, s, i) for i, (t, s) in enumerate(zip(texts, samples, strict=True))]
-        order = sorted(range(len(samples)), key=lambda i: (bool(samples[i].images), lengths[i]))
-        out: list[float] = [0.0] * len(samples)
-        for batch in self._batches(order, lengths, samples):
-            enc = self.encode([texts[i] for i in batch], [samples[i].images for i in batch])
-            logits = self.model(**enc, use_cache=False).logits[:, 0].float()
-            for i, v in zip(batch, logits.tolist(), strict=True):
+        """Rewards for Samples, micro-batched under the token budget, in input order."""
+        plan = self.plan(samples)
+        out: list[float] = [0.0] * len(plan.samples)
+        for batch in plan.batches:
+            for i, v in zip(batch, self.forward(plan, batch), strict=True):
                 out[i] = v
         bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
         if bad:  # logged, never silent: callers (VLRMReward) decide whether to raise or drop them
             warnings.warn(f"non-finite reward for sample(s) {bad[:10]}", stacklevel=2)
         return out
+
+    def plan(self, samples: list[Sample]) -> Plan:
+        """Apply the mode, render, truncate, and group into micro-batches (sorted by length, images apart)."""
+        samples = [self._for_mode(s) for s in samples]
+        texts, lengths = [], []
+        for i, s in enumerate(samples):
+            t, n = self._text_and_length(s, i)
+            texts.append(t)
+            lengths.append(n)
+        order = sorted(range(len(samples)), key=lambda i: (bool(samples[i].images), lengths[i]))
+        return Plan(samples, texts, lengths, list(self._batches(order, lengths, samples)))
+
+    @torch.no_grad()
+    def forward(self, plan: Plan, batch: list[int]) -> list[float]:
+        """Rewards of one micro-batch of a plan (one reward-model forward)."""
+        enc = self.encode([plan.texts[i] for i in batch], [plan.samples[i].images for i in batch])
+        return self.model(**enc, use_cache=False).logits[:, 0].float().tolist()
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _for_mode(self, s: Sample) -> Sample:
@@ -230,16 +253,20 @@ class VLRewardScorer:
             enc = self.processor(text=texts, images=images, **kw)
         else:
             enc = self.tokenizer(texts, **kw)
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in dict(enc).items()}
+        # floating inputs (pixels) follow the model's dtype: bf16 models, or ZeRO-3 engines in bf16
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                if torch.is_tensor(v) else v for k, v in dict(enc).items()}
 
-    def _length(self, text: str, s: Sample, i: int) -> int:
-        enc = self.encode([text], [s.images])
-        n = int(enc["input_ids"].shape[1])
+    def _text_and_length(self, s: Sample, i: int) -> tuple[str, int]:
+        """Rendered text and token count of a sample, after truncating its prompt to ``max_length``."""
+        text = self._render(s, i)
+        n = int(self.encode([text], [s.images])["input_ids"].shape[1])
         if self.max_length is not None and n > self.max_length:
             self._truncate(s, n - self.max_length, i)
             text = self._render(s, i)
             n = int(self.encode([text], [s.images])["input_ids"].shape[1])
-        return n
+        return text, n
 
     def _truncate(self, s: Sample, excess: int, i: int) -> None:
         """Cut ``excess`` tokens from the start of the prompt's text, never from the response or images."""

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from .inputs import InputError, Sample, make_sample
-from .scorer import Mode, VLRewardScorer
+from .scorer import Mode, Plan, VLRewardScorer
 
 __all__ = ["NonFiniteRewardError", "VLRMReward", "reward_funcs"]
 
@@ -135,9 +135,9 @@ class VLRMReward:
             if len(prompts) != len(completions):
                 raise InputError(f"{len(prompts)} prompts for {len(completions)} completions")
             samples = [self._sample(i, prompts[i], completions[i], columns) for i in range(len(prompts))]
-            texts, kinds = self._plan(samples)
+            plan, kinds = self._plan(samples)
         except Exception as e:  # noqa: BLE001  (re-raised below, after telling the other ranks)
-            error, texts, kinds = e, [], ([], [])
+            error, plan, kinds = e, None, ([], [])
         # lockstep: agree on the number of text-only and image micro-batches (and on failure) before any forward
         n_text, n_image, failed = self._all_reduce([len(kinds[0]), len(kinds[1]), error is not None], "max")
         if failed:
@@ -145,8 +145,8 @@ class VLRMReward:
                 raise error
             raise RuntimeError(f"{self.__name__}: another rank failed to prepare its reward inputs")
         raw: list[float] = [math.nan] * len(samples)
-        self._run(kinds[0], int(n_text), texts, samples, raw, kind="text")
-        self._run(kinds[1], int(n_image), texts, samples, raw, kind="image")
+        self._run(kinds[0], int(n_text), plan, raw, kind="text")
+        self._run(kinds[1], int(n_image), plan, raw, kind="image")
         return self._postprocess(raw, prompts, completions, log_metric)
 
     # ---- inputs ---------------------------------------------------------------------------------------
@@ -166,50 +166,34 @@ class VLRMReward:
         except InputError as e:
             raise InputError(f"{self.__name__}: {e}; prompt: {_preview(prompt)}") from e
 
-    def _plan(self, samples: list[Sample]) -> tuple[list[str], tuple[list[list[int]], list[list[int]]]]:
-        """Rendered texts and the micro-batches (the scorer's own token-budget plan), text-only ones first."""
-        s = self.scorer
-        samples[:] = [s._for_mode(x) for x in samples]
-        texts = [s._render(x, i) for i, x in enumerate(samples)]
-        lengths = [s._length(t, x, i) for i, (t, x) in enumerate(zip(texts, samples))]
-        texts = [s._render(x, i) for i, x in enumerate(samples)]  # _length may have truncated the prompt
-        order = sorted(range(len(samples)), key=lambda i: (bool(samples[i].images), lengths[i]))
-        text_batches: list[list[int]] = []
-        image_batches: list[list[int]] = []
-        for batch in s._batches(order, lengths, samples):
-            (image_batches if samples[batch[0]].images else text_batches).append(batch)
-        return texts, (text_batches, image_batches)
+    def _plan(self, samples: list[Sample]) -> tuple[Plan, tuple[list[list[int]], list[list[int]]]]:
+        """The scorer's plan (rendered, truncated, token-budget micro-batches), split into text-only and image
+        micro-batches: ranks pad each kind separately since only image batches run the vision tower."""
+        plan = self.scorer.plan(samples)
+        text_batches = [b for b in plan.batches if not plan.samples[b[0]].images]
+        image_batches = [b for b in plan.batches if plan.samples[b[0]].images]
+        return plan, (text_batches, image_batches)
 
     # ---- forwards -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _run(self, batches: list[list[int]], total: int, texts: list[str], samples: list[Sample],
-             out: list[float], kind: str) -> None:
+    def _run(self, batches: list[list[int]], total: int, plan: Plan, out: list[float], kind: str) -> None:
         """Run this rank's micro-batches of one kind, then dummy forwards up to ``total`` (lockstep)."""
         for batch in batches:
-            logits = self._forward([texts[i] for i in batch], [samples[i].images for i in batch])
-            for i, v in zip(batch, logits):
+            self.forward_calls += 1
+            for i, v in zip(batch, self.scorer.forward(plan, batch), strict=True):
                 out[i] = v
         for _ in range(total - len(batches)):
-            text, images = self._dummy(kind)
-            self._forward([text], [images])
+            self.forward_calls += 1
+            self.scorer.forward(self._dummy(kind), [0])
             self.dummy_calls += 1
 
-    def _forward(self, texts: list[str], images: list[list[Image.Image]]) -> list[float]:
-        s = self.scorer
-        enc = s.encode(texts, images)
-        enc = {k: v.to(self._float_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-               for k, v in enc.items()}
-        self.forward_calls += 1
-        return s.model(**enc, use_cache=False).logits[:, 0].float().tolist()
-
-    def _dummy(self, kind: str) -> tuple[str, list[Image.Image]]:
-        """A one-sample input of the given kind (``image`` runs the vision tower too) for padding forwards."""
+    def _dummy(self, kind: str) -> Plan:
+        """A one-sample plan of the given kind (``image`` runs the vision tower too) for padding forwards."""
         content: list[dict[str, Any]] = [{"type": "text", "text": "."}]
         if kind == "image":
             content.insert(0, {"type": "image", "image": Image.new("RGB", (64, 64), (127, 127, 127))})
         sample = make_sample([{"role": "user", "content": content}, {"role": "assistant", "content": "."}], None, None)
-        sample = self.scorer._for_mode(sample)
-        return self.scorer._render(sample, 0), sample.images
+        return self.scorer.plan([sample])
 
     # ---- rewards --------------------------------------------------------------------------------------
     def _postprocess(self, raw: list[float], prompts: Sequence[Any], completions: Sequence[Any],
@@ -279,7 +263,6 @@ class VLRMReward:
         """First call: place the model (ZeRO-3: ``prepare_deepspeed``; else the accelerator's device)."""
         if self._ready:
             return
-        self._ready = True
         acc = self.accelerator
         if acc is None:
             try:
@@ -302,7 +285,7 @@ class VLRMReward:
             elif not self._device_pinned:
                 s.device = torch.device(acc.device)
                 s.model.to(s.device)
-        self._float_dtype = next(s.model.parameters()).dtype
+        self._ready = True
 
     def _world(self) -> int:
         if self.accelerator is not None:
