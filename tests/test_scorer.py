@@ -211,3 +211,36 @@ def test_trl_1_12_get_reward_protocol(vlrm):
         trl_reward = reward_logits[torch.arange(2), seq_len].squeeze(-1)
         ours = model(input_ids=qr, attention_mask=attention_mask, use_cache=False).logits[:, 0]
     torch.testing.assert_close(trl_reward, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "hub"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wrapping_an_lvlm_only_misses_the_score_head(zoo, family, layout):
+    """The silent random-init trap: our classes must apply the family's renaming rules (hub layout)."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlrm_rlhf.reward.modeling import vlrm_from_lvlm
+
+    trio = zoo(family, layout)
+    vlrm = vlrm_from_lvlm(str(trio["lvlm"]))
+    lvlm = AutoModelForImageTextToText.from_pretrained(trio["lvlm"])
+    ours = dict(vlrm.named_parameters())
+    for k, v in lvlm.named_parameters():
+        if k in ours:
+            assert torch.equal(ours[k], v), k
+    assert sum(k in ours for k, _ in lvlm.named_parameters()) >= len(ours) - 1
+
+
+def test_wrapping_refuses_a_checkpoint_whose_language_model_would_be_random(zoo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlrm_rlhf.reward.modeling import LoadingError, vlrm_from_lvlm
+
+    src = zoo("qwen2_vl", "hub")["lvlm"]
+    bad = tmp_path / "lvlm"
+    shutil.copytree(src, bad)
+    sd = load_file(bad / "model.safetensors")
+    save_file({k.replace("model.", "decoder.", 1) if k.startswith("model.") else k: v for k, v in sd.items()},
+              bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadingError, match="were not found in the checkpoint"):
+        vlrm_from_lvlm(str(bad))

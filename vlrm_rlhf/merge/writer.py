@@ -8,7 +8,6 @@ The directory is renamed into place only when complete; an existing output is ne
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -94,9 +93,7 @@ class ShardWriter:
     def close(self) -> None:
         if self.next != len(self.order):
             raise RuntimeError(f"shard {self.path.name} closed after {self.next}/{len(self.order)} tensors")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self.f.close()  # no fsync: the rename-into-place protects against killed runs, not power loss
 
 
 def write_index(out_dir: Path, shards: dict[str, list[str]], specs: dict[str, TensorSpec]) -> None:

@@ -63,3 +63,33 @@ for _fam in FAMILIES.values():
     globals()[VLRM_CLASSES[_fam.model_type].__name__] = VLRM_CLASSES[_fam.model_type]
 
 __all__ = ["VLRM_CLASSES", *[c.__name__ for c in VLRM_CLASSES.values()]]
+
+
+class LoadingError(RuntimeError):
+    """A checkpoint whose weights would not all reach the model (instead of a silent random init)."""
+
+
+def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
+    """Wrap an LVLM checkpoint (hub or transformers layout) in its family's VLRM class with a new score head.
+
+    Guards the trap of classes defined outside transformers: if the family's renaming rules did not apply,
+    the language model would load randomly initialised with only a warning. Here the only key allowed to be
+    missing is ``score.weight``.
+    """
+    from transformers import AutoConfig
+
+    from ..merge.families import get_family
+
+    config = AutoConfig.from_pretrained(path)
+    family = get_family(config.model_type, where=str(path))
+    config.num_labels = num_labels
+    config.architectures = [family.seq_cls]
+    cls = VLRM_CLASSES[family.model_type]
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    missing = sorted(set(info["missing_keys"]) - {"score.weight"})
+    if missing or info.get("mismatched_keys"):
+        raise LoadingError(
+            f"{path}: {len(missing)} weight(s) of {cls.__name__} were not found in the checkpoint "
+            f"(e.g. {missing[:3]}, mismatched: {info.get('mismatched_keys', [])[:3]}); they would be random"
+        )
+    return model
