@@ -87,9 +87,10 @@ def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
     cls = VLRM_CLASSES[family.model_type]
     model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     missing = sorted(set(info["missing_keys"]) - {"score.weight"})
-    if missing or info.get("mismatched_keys"):
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing or mismatched:
         raise LoadingError(
             f"{path}: {len(missing)} weight(s) of {cls.__name__} were not found in the checkpoint "
-            f"(e.g. {missing[:3]}, mismatched: {info.get('mismatched_keys', [])[:3]}); they would be random"
+            f"(e.g. {missing[:3]}; shape mismatches: {mismatched[:3]}); they would be randomly initialised"
         )
     return model
