@@ -9,7 +9,8 @@
    (the RM's body + the base's lm_head): the same arithmetic on the same bytes.
 2. Times each contender in a fresh subprocess (peak memory is per run), after a warm-up read of that contender's
    inputs, so every timing is *page-cache warm* (a cold read is disk-bound, ~1.6 GB/s here, and would hide the merge):
-   raw read of all input bytes; ``vlrm_rlhf.merge.build`` (output: vlrm, 500 MB shards); mergekit's ``run_merge``
+   raw read of all input bytes; raw copy (the same read + writing as many bytes as our output has: the I/O
+   floor of any merge); ``vlrm_rlhf.merge.build`` (output: vlrm, 500 MB shards); mergekit's ``run_merge``
    (same method/params, 500 MB shards). Import time is measured separately and excluded. GB/s counts the input
    bytes each contender must read: ours skips the two lm_heads a VLRM does not keep, mergekit reads everything.
    Peak anonymous RSS (``RssAnon``: heap, not the file-backed mmap of the inputs) is sampled every 10 ms.
@@ -50,24 +51,26 @@ DRIVER_PRELUDE = (
     "import json,sys,time\nt0=time.perf_counter()\n"
     "def anon():\n return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('RssAnon')))\n"
 )
-RAW = DRIVER_PRELUDE + (
-    "a=json.loads(sys.argv[1]);buf=bytearray(64<<20);n=0;t1=time.perf_counter()\n"
-    "for f in a['files']:\n with open(f,'rb',buffering=0) as h:\n  while k:=h.readinto(buf): n+=k\n"
+RAW = DRIVER_PRELUDE + (  # read every input file; with 'out', also write the first 'write' bytes read (a copy)
+    "a=json.loads(sys.argv[1]);buf=bytearray(64<<20);n=0;left=a.get('write',0);t1=time.perf_counter();m1=anon()\n"
+    "o=open(a['out'],'wb') if left else None\nfor f in a['files']:\n with open(f,'rb',buffering=0) as h:\n"
+    "  while k:=h.readinto(buf):\n   n+=k;w=min(k,left);left-=w\n   if w: o.write(memoryview(buf)[:w])\n"
+    "o and o.close()\n"
 )
 OURS = DRIVER_PRELUDE + (
     "import torch,transformers\nfrom vlrm_rlhf.merge import build\nimport vlrm_rlhf.merge.output\n"
-    "a=json.loads(sys.argv[1]);t1=time.perf_counter()\n"
+    "a=json.loads(sys.argv[1]);t1=time.perf_counter();m1=anon()\n"
     "build(a['recipe'],a['out'],force=True,progress=False,max_shard_size=a['shard'])\n"
 )
 MERGEKIT = DRIVER_PRELUDE + (
     "import torch,yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-    "from mergekit.options import MergeOptions\na=json.loads(sys.argv[1]);t1=time.perf_counter()\n"
+    "from mergekit.options import MergeOptions\na=json.loads(sys.argv[1]);t1=time.perf_counter();m1=anon()\n"
     "run_merge(MergeConfiguration.model_validate(yaml.safe_load(a['config'])),a['out'],"
     "options=MergeOptions(out_shard_size=a['shard_params'],quiet=True),config_source=a['config'])\n"
 )
 DRIVER_END = (
     "t2=time.perf_counter()\nth=sys.modules['torch'].get_num_threads() if 'torch' in sys.modules else None\n"
-    "print(json.dumps({'import_s':t1-t0,'run_s':t2-t1,'anon_after_import_kb':anon(),'threads':th}))\n"
+    "print(json.dumps({'import_s':t1-t0,'run_s':t2-t1,'anon_after_import_kb':m1,'threads':th}))\n"
 )
 
 
@@ -242,6 +245,10 @@ def same_tensor(ours: Path, mk: Path, key: str) -> float:
     return float((get(ours, "model.language_model." + key) - get(mk, "model." + key)).abs().max())
 
 
+def rm(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def engine_hash() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted((ROOT / "vlrm_rlhf/merge").glob("*.py")))).hexdigest()[:12]
 
@@ -275,7 +282,7 @@ def main() -> None:
         runs = []
         for i in range(a.repeats):
             if "out" in args:
-                shutil.rmtree(args["out"], ignore_errors=True)
+                rm(Path(args["out"]))
                 os.sync()  # flush what the last run left dirty so it cannot slow this one
             run_sampled(sys.executable, RAW, {"files": warm}, logs / "warmup.log")  # page cache warm, equally
             bg0 = wait_quiet(a.quiet_wait)
@@ -284,12 +291,15 @@ def main() -> None:
         row = {"contender": name, "method": method, **best, "gb": nbytes / GB, "gb_s": nbytes / GB / best["run_s"],
                "all_run_s": [r["run_s"] for r in runs], "peak_anon_mb": max(r["peak_anon_mb"] for r in runs)}
         print(f"  {name:9s} {method:16s} {best['run_s']:7.2f} s  {row['gb_s']:6.2f} GB/s  "
-              f"peak RssAnon {best['peak_anon_mb']:6.0f} MB  others {best['bg_cores']:.2f} cores", flush=True)
+              f"peak RssAnon {row['peak_anon_mb']:6.0f} MB  others {best['bg_cores']:.2f} cores", flush=True)
         return row
 
     print(f"timing (warm page cache; OMP_NUM_THREADS unset; {os.cpu_count()} cores; best of {a.repeats}):")
-    rows = [timed("raw-read", "-", sys.executable, RAW, {"files": ours_files}, ours_files,
-                  sum(map(os.path.getsize, ours_files)))]
+    raw_in = sum(map(os.path.getsize, ours_files))
+    rows = [timed("raw-read", "-", sys.executable, RAW, {"files": ours_files}, ours_files, raw_in),
+            timed("raw-copy", "-", sys.executable, RAW, {"files": ours_files, "out": str(wd / "out_copy"),
+                                                          "write": tensor_bytes(d["lvlm"], no_head)[0]}, ours_files, raw_in)]
+    rm(wd / "out_copy")
     diffs = {}
     for m in a.methods.split(","):
         p = {"weight": 0.7} if m == "task_arithmetic" else {"weight": 0.7, "density": 0.5}
@@ -308,7 +318,7 @@ def main() -> None:
                           mk_files, mk_in))
         diffs[m] = max(same_tensor(*outs, k) for k in ("embed_tokens.weight", "layers.0.mlp.down_proj.weight"))
         for o in outs:
-            shutil.rmtree(o, ignore_errors=True)
+            rm(o)
 
     print(f"\n{'contender':9s} {'method':16s} {'import s':>8s} {'merge s':>8s} {'GB in':>6s} {'GB/s':>6s} "
           f"{'peak RssAnon MB':>15s} {'after import MB':>15s} {'threads':>7s} {'others cores':>12s}")
@@ -325,7 +335,8 @@ def main() -> None:
                         f">= {goal:g}", ratio >= goal))
         if m == "task_arithmetic":
             ratio = ours["gb_s"] / get[("raw-read", "-")]["gb_s"]
-            targets.append((f"{m}: ours/raw-read GB/s", ratio, ">= 0.5", ratio >= 0.5))
+            targets.append((f"{m}: ours/raw-read GB/s (ours/raw-copy, info: "
+                            f"{ours['gb_s'] / get[('raw-copy', '-')]['gb_s']:.2f})", ratio, ">= 0.5", ratio >= 0.5))
         targets.append((f"{m}: ours peak RssAnon MB vs 3 x largest tensor + 300 MB", ours["peak_anon_mb"],
                         f"<= {budget:.0f}", ours["peak_anon_mb"] <= budget))
     print("\ntargets:")

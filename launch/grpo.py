@@ -1,0 +1,44 @@
+"""GRPO for a vision-language policy, rewarded by a merged VLRM (TRL's GRPOTrainer + ``VLRMReward``).
+
+Single process::
+
+    python launch/grpo.py --config recipes/train/grpo.yaml
+
+Many GPUs / nodes (DDP or DeepSpeed ZeRO-2/3)::
+
+    accelerate launch --config_file recipes/accelerate/zero3.yaml launch/grpo.py --config recipes/train/grpo.yaml
+
+Every argument of ``RewardScriptArguments`` (dataset, reward), ``trl.GRPOConfig`` (all TRL/transformers
+training arguments, ``report_to`` included) and ``trl.ModelConfig`` (policy, LoRA: ``--use_peft --lora_r``)
+can be given on the command line or in the ``--config`` YAML; the command line wins.
+"""
+
+from __future__ import annotations
+
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from vlrm_rlhf import data
+
+
+def main(script_args: data.RewardScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
+    """Load data and rewards, check them, train, save."""
+    policy, dataset, rewards = data.prepare_rl(script_args, model_args)
+    training_args.model_init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
+                                       **(training_args.model_init_kwargs or {})}
+    trainer = GRPOTrainer(
+        model=policy,  # a path: with beta != 0 TRL rebuilds the reference model from it
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json, with the logged losses and rewards (log_history)
+    trainer.accelerator.print(f"saved to {training_args.output_dir}")
+    trainer.end()  # finish the trackers and destroy the process group (a clean exit under DeepSpeed)
+
+
+if __name__ == "__main__":
+    parser = TrlParser((data.RewardScriptArguments, GRPOConfig, ModelConfig))
+    main(*data.parse(parser))

@@ -1,0 +1,45 @@
+"""PPO for a vision-language policy, rewarded by a merged VLRM (``VLPPOTrainer``; the value model defaults to the VLRM).
+
+Single process::
+
+    python launch/ppo.py --config recipes/train/ppo.yaml
+
+Many GPUs / nodes (DDP or DeepSpeed ZeRO-2/3)::
+
+    accelerate launch --config_file recipes/accelerate/zero3.yaml launch/ppo.py --config recipes/train/ppo.yaml
+
+Every argument of ``RewardScriptArguments`` (dataset, reward), ``VLPPOConfig`` (TRL 1.12 PPO knobs plus all
+transformers training arguments, ``report_to`` included) and ``trl.ModelConfig`` (policy, LoRA: ``--use_peft
+--lora_r``) can be given on the command line or in the ``--config`` YAML; the command line wins.
+"""
+
+from __future__ import annotations
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from vlrm_rlhf import data
+from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
+
+
+def main(script_args: data.RewardScriptArguments, training_args: VLPPOConfig, model_args: ModelConfig) -> None:
+    """Load data and rewards, check them, train, save."""
+    policy, dataset, rewards = data.prepare_rl(script_args, model_args)
+    if training_args.value_model_path is None and script_args.reward_model_path:
+        training_args.value_model_path = script_args.reward_model_path  # the VLRM, with a fresh-read score head
+    trainer = VLPPOTrainer(
+        model=policy,  # a path: loaded as AutoModelForImageTextToText (or a causal LM)
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json, with the logged PPO metrics (log_history)
+    trainer.accelerator.print(f"saved to {training_args.output_dir}")
+    trainer.accelerator.end_training()  # finish the trackers and destroy the process group
+
+
+if __name__ == "__main__":
+    parser = TrlParser((data.RewardScriptArguments, VLPPOConfig, ModelConfig))
+    main(*data.parse(parser))

@@ -1,0 +1,316 @@
+"""Shared pieces of the training recipes (``launch/*.py``): prompt datasets, reward functions, pre-flight checks.
+
+A prompt dataset is a local JSON / JSONL / parquet file or a ``datasets.save_to_disk`` directory whose rows
+hold a ``prompt`` (a string, or TRL conversational messages) and an ``image`` (one per row) or ``images`` (a
+list) column. Image paths are relative to the dataset file (or directory). ``load_prompt_dataset`` validates
+every row *before* training (missing images, files that do not exist, placeholder counts; errors name the
+row), turns string prompts into conversational prompts with bare ``{"type": "image"}`` placeholders (the
+form TRL's GRPO/RLOO/SFT trainers expect for a VLM policy) and casts the image column to ``datasets.Image``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ScriptArguments
+
+from .reward.inputs import make_sample
+
+__all__ = ["DataError", "RewardScriptArguments", "RewardLengthError", "check_reward_model", "checked_reward", "explain_batch_error",
+           "load_prompt_dataset", "load_reward_funcs", "policy_needs_images", "probe_rewards", "to_conversation"]
+
+IMAGE_COLUMNS = ("images", "image")
+
+
+class DataError(ValueError):
+    """A training dataset or setup that cannot be trained on; the message names the row or the setting."""
+
+
+class RewardLengthError(ValueError):
+    """A reward function returned a number of rewards other than one per completion."""
+
+
+@dataclass
+class RewardScriptArguments(ScriptArguments):
+    """TRL's script arguments (``dataset_name``, ``dataset_train_split``, ...) plus the reward's.
+
+    ``dataset_name`` is a local JSON/JSONL/parquet file or ``save_to_disk`` directory (see the module docstring).
+    """
+
+    reward_model_path: str | None = field(default=None, metadata={"help": "VLRM directory (vlrm-rlhf merge output)."})
+    reward_modes: list[str] = field(default_factory=lambda: ["vlrm"], metadata={
+        "help": "VLRM scorer modes, one reward function each: vlrm, no_image (weight them with reward_weights)."})
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "Extra reward functions as dotted import paths (my_module.my_reward), GRPO protocol."})
+    reward_normalize: str | None = field(default=None, metadata={
+        "help": "Normalise VLRM rewards: 'batch' or 'running' (default: raw)."})
+
+
+# ---- datasets -----------------------------------------------------------------------------------------
+def _read(path: Path, split: str) -> Any:
+    """The raw ``datasets.Dataset`` of a local file or ``save_to_disk`` directory (``split`` of a DatasetDict)."""
+    import datasets
+
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path}: unsupported dataset file (use .json, .jsonl, .parquet or a save_to_disk dir)")
+        ds = datasets.load_dataset(kind, data_files={split: str(path)})
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def _images_of(value: Any, where: str, base: Path) -> list[Any]:
+    """A row's image entries (paths resolved against ``base``, each checked to exist); ``[]`` for none."""
+    items = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for x in items:
+        if x is None:
+            continue
+        if isinstance(x, dict) and x.get("bytes") is not None:  # datasets.Image storage with the bytes inline
+            out.append(x)
+            continue
+        p = x.get("path") if isinstance(x, dict) else x
+        if not isinstance(p, str) or not p:
+            raise DataError(f"{where}: an image entry must be a path, got {x!r}")
+        resolved = Path(p) if Path(p).is_absolute() else base / p
+        if not resolved.is_file():
+            raise DataError(f"{where}: image file not found: {resolved} (paths are relative to {base})")
+        out.append(str(resolved))
+    return out
+
+
+def to_conversation(prompt: Any, n_images: int, where: str = "row") -> list[dict[str, Any]]:
+    """A prompt as TRL conversational messages with exactly ``n_images`` bare ``{"type": "image"}`` blocks.
+
+    Strings become one user message; string contents become text blocks. A prompt without image blocks gets
+    ``n_images`` placeholders at the start of its first user message; one with blocks must have ``n_images``.
+    """
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, dict):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {prompt!r:.120}")
+    messages = []
+    for m in prompt:
+        content = m.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else [
+            {"type": "image"} if b.get("type") == "image" else {"type": "text", "text": b.get("text") or ""}
+            for b in content or [] if isinstance(b, dict)]
+        messages.append({"role": m.get("role") or "user", "content": blocks})
+    found = sum(b["type"] == "image" for m in messages for b in m["content"])
+    if found == 0 and n_images:
+        first = next((m for m in messages if m["role"] == "user"), messages[0])
+        first["content"] = [{"type": "image"} for _ in range(n_images)] + first["content"]
+    elif found != n_images:
+        raise DataError(f"{where}: the prompt has {found} image placeholder(s) but the row has {n_images} image(s)")
+    return messages
+
+
+def load_prompt_dataset(name: str | Path, split: str = "train", *, require_images: bool = True) -> Any:
+    """Load, validate and normalise a prompt dataset (see the module docstring).
+
+    ``require_images``: every row must have at least one image (a VLM policy needs one); the error names the
+    first row without. Returns a ``datasets.Dataset`` with a conversational ``prompt`` and an ``image``
+    (``datasets.Image``) or ``images`` (list of ``datasets.Image``) column; other columns are kept.
+    """
+    import datasets
+
+    path = Path(name).expanduser().resolve()
+    ds = _read(path, split)
+    base = path if path.is_dir() else path.parent
+    if "prompt" not in ds.column_names:
+        raise DataError(f"{path}: no 'prompt' column (columns: {ds.column_names})")
+    col = next((c for c in IMAGE_COLUMNS if c in ds.column_names), None)
+    if col is None and require_images:
+        raise DataError(f"{path}: no 'image' or 'images' column, but the policy is a vision-language model "
+                        "and needs an image per row")
+    raw = ds.data.column(col).to_pylist() if col else [None] * len(ds)  # undecoded: paths or {bytes, path}
+    # prompts decoded through the features: datasets stores mixed content blocks as JSON strings
+    prompts, images = [], []
+    for i, (prompt, value) in enumerate(zip(list(ds["prompt"]), raw, strict=True)):
+        where = f"{path.name} row {i}"
+        imgs = _images_of(value, where, base)
+        if require_images and not imgs:
+            raise DataError(f"{where}: no image, but the policy is a vision-language model and needs one "
+                            f"(prompt: {str(prompt)[:80]!r})")
+        prompts.append(to_conversation(prompt, len(imgs), where))
+        images.append(imgs)
+    # add the new columns under temporary names first: a table with no column left has no rows
+    ds = ds.add_column("__prompt", prompts)
+    if col == "image" and all(len(x) <= 1 for x in images):
+        new, feature = "image", datasets.Image()
+        ds = ds.add_column("__image", [x[0] if x else None for x in images])
+    elif col is not None:
+        new, feature = "images", datasets.List(datasets.Image())
+        ds = ds.add_column("__images", images)
+    ds = ds.remove_columns([c for c in ("prompt", col) if c]).rename_column("__prompt", "prompt")
+    if col is not None:
+        ds = ds.rename_column(f"__{new}", new).cast_column(new, feature)
+    return ds
+
+
+def policy_needs_images(model_name_or_path: str) -> bool:
+    """Whether the policy checkpoint is a vision-language model (its config has a separate text config)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_name_or_path)
+    return cfg.get_text_config() is not cfg
+
+
+# ---- rewards ------------------------------------------------------------------------------------------
+def checked_reward(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a GRPO/RLOO reward function so that a wrong number of rewards is a clear error naming it."""
+    from trl.trainer.utils import get_callable_name
+
+    name = get_callable_name(func)
+
+    @functools.wraps(func if callable(func) and hasattr(func, "__name__") else checked_reward)
+    def wrapper(*, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
+        out = func(prompts=prompts, completions=completions, **kw)
+        n = len(out) if isinstance(out, Sequence) else None
+        if n != len(completions):
+            got = f"{n} rewards" if n is not None else f"a {type(out).__name__}"
+            raise RewardLengthError(f"reward function {name!r} returned {got} for {len(completions)} completions; "
+                                    "it must return one float (or None) per completion")
+        return list(out)
+
+    wrapper.__name__ = name
+    wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+    return wrapper
+
+
+def probe_rewards(funcs: Sequence[Callable[..., Any]], dataset: Any, rows: int = 2) -> None:
+    """Call each reward function that is not a VLRM once, before training, on the first ``rows`` prompts with a
+    dummy completion: a wrong number of rewards raises ``RewardLengthError`` now instead of after the first
+    generation. Other failures of the probe are ignored (the function may need real completions)."""
+    from .reward.trl import VLRMReward
+
+    batch = dataset.select(range(min(rows, len(dataset))))
+    columns = {c: list(batch[c]) for c in batch.column_names if c != "prompt"}
+    completions = [[{"role": "assistant", "content": "ok"}] for _ in range(len(batch))]
+    for f in funcs:
+        if isinstance(getattr(f, "__wrapped__", f), VLRMReward):  # VLRMs are checked by check_reward_model
+            continue
+        try:
+            f(prompts=list(batch["prompt"]), completions=completions, completion_ids=[[0]] * len(batch),
+              trainer_state=None, log_extra=None, log_metric=None, **columns)
+        except RewardLengthError:
+            raise
+        except Exception:  # noqa: BLE001, S110  (see the docstring)
+            pass
+
+
+def load_reward_funcs(reward_model_path: str | None, modes: Sequence[str] = ("vlrm",),
+                      extra: Sequence[str] = (), **kw: Any) -> list[Callable[..., Any]]:
+    """The VLRM reward functions (one per mode, see ``vlrm_rlhf.reward_funcs``) plus ``extra`` dotted import
+    paths of reward functions (``my_module.my_reward``, imported relative to the working directory), each
+    wrapped by ``checked_reward``."""
+    import importlib
+
+    from .reward.trl import reward_funcs
+
+    funcs: list[Callable[..., Any]] = list(reward_funcs(reward_model_path, modes=tuple(modes), **kw)) \
+        if reward_model_path else []
+    for dotted in extra:
+        module, _, attr = dotted.rpartition(".")
+        if not module:
+            raise DataError(f"reward function {dotted!r}: give a dotted import path like my_module.my_reward")
+        sys.path.insert(0, os.getcwd())
+        funcs.append(getattr(importlib.import_module(module), attr))
+    if not funcs:
+        raise DataError("no reward: give --reward_model_path (a VLRM directory) and/or --reward_funcs")
+    return [checked_reward(f) for f in funcs]
+
+
+def check_reward_model(scorer: Any, dataset: Any, path: str = "the VLRM", rows: int = 1) -> None:
+    """Render and encode the first ``rows`` prompts (with a dummy answer) with ``scorer`` before training.
+
+    A VLRM whose processor cannot render the policy's conversations (no chat template, a template that drops
+    image blocks, a processor that rejects them, ...) fails here with a ``DataError`` naming the VLRM and the
+    row, not at the first reward call after generation. The reward forward runs too, unless the model's
+    parameters are ZeRO-3 partitioned (``zero3_init_flag``), where a lone forward is impossible.
+    """
+    cfg = scorer.model.config
+    image_token = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+    partitioned = any(hasattr(p, "ds_id") for p in scorer.model.parameters())
+    for i in range(min(rows, len(dataset))):
+        row = dataset[i]
+        imgs = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
+        try:
+            sample = make_sample(row["prompt"], [{"role": "assistant", "content": "ok"}], imgs or None, i)
+            plan = scorer.plan([sample])
+            ids = scorer.encode(plan.texts, [plan.samples[0].images])["input_ids"]
+            if plan.samples[0].images and image_token is not None and not (ids == image_token).any():
+                raise ValueError(f"the rendered text has no image token (id {image_token}): {plan.texts[0]!r:.200}")
+            reward = math.nan if partitioned else float(scorer.forward(plan, [0])[0])
+        except Exception as e:  # noqa: BLE001  (any failure here means the VLRM cannot score this data)
+            raise DataError(f"the reward model {path} cannot score the policy's conversations (dataset row {i}): "
+                            f"{type(e).__name__}: {e}") from e
+        if not partitioned and not math.isfinite(reward):
+            raise DataError(f"the reward model {path} gives a non-finite reward ({reward}) on dataset row {i}")
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+def explain_batch_error(error: ValueError) -> ValueError:
+    """TRL's batch-divisibility ``ValueError`` with the arithmetic spelled out (processes included).
+
+    TRL's GRPO/RLOO configs require ``generation_batch_size = per_device_train_batch_size x num_processes x
+    steps_per_generation`` to be a multiple of ``num_generations``; under ``accelerate launch`` the process
+    count comes from the launcher, so the same YAML can pass on 1 process and fail on 2.
+    """
+    msg = str(error)
+    if "divisible" not in msg:
+        return error
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DataError(
+        f"{msg} With num_processes={world}: generation_batch_size = per_device_train_batch_size x "
+        f"num_processes ({world}) x steps_per_generation (default: gradient_accumulation_steps) must be a "
+        "multiple of num_generations. Change per_device_train_batch_size, num_generations, "
+        "steps_per_generation or the number of processes.")
+
+
+def parse(parser: Any) -> tuple[Any, ...]:
+    """``parser.parse_args_and_config()`` with batch-size errors explained (see ``explain_batch_error``)."""
+    try:
+        return parser.parse_args_and_config()
+    except ValueError as e:
+        err = explain_batch_error(e)
+        if err is e:
+            raise
+        raise err from None
+
+
+def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str, Any, list[Callable[..., Any]]]:
+    """What every online-RL recipe needs before its trainer: the policy path, the checked prompt dataset and
+    the (length-checked) reward functions, having failed early on inputs the run could not use."""
+    policy = model_args.model_name_or_path
+    if not policy:
+        raise DataError("--model_name_or_path (the policy LVLM) is required")
+    if not script_args.dataset_name:
+        raise DataError("--dataset_name (a prompt dataset file or directory) is required")
+    dataset = load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
+                                  require_images=policy_needs_images(policy))
+    rewards = load_reward_funcs(script_args.reward_model_path, script_args.reward_modes,
+                                script_args.reward_funcs, normalize=script_args.reward_normalize)
+    # fail now, not after the first generation: a VLRM that cannot render these conversations, a reward
+    # function that returns the wrong number of rewards
+    if script_args.reward_model_path:
+        check_reward_model(rewards[0].__wrapped__.scorer, dataset, script_args.reward_model_path)
+    probe_rewards(rewards, dataset)
+    return policy, dataset, rewards
