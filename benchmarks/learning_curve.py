@@ -12,7 +12,7 @@ model is a VLRM merged from the same zoo (what ``launch/ppo.py`` uses by default
 thread. Writes ``curve.csv`` (update, mean reward, KL, policy/value loss) and ``curve.png`` to ``--out`` and
 prints the mean reward of the first 10 vs the last 10 updates.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/learning_curve.py [--updates 300] [--out runs/learning_curve]
+Usage: OMP_NUM_THREADS=1 python benchmarks/learning_curve.py [--updates 400] [--out runs/learning_curve]
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
 def main() -> None:
     """Build the task, train, write the curve, print first-10 vs last-10 mean reward."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--updates", type=int, default=400)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16, help="prompts per PPO update")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32, help="prompts per PPO update")
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/learning_curve"))
     a = p.parse_args()

@@ -176,21 +176,22 @@ class _TopK:
 
 def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool
           ) -> tuple[list[_TopK], float]:
-    """Select the k largest |m - b| for each k without sorting: bracket the threshold with a sorted
-    random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
+    """Select the k largest |m - b| for each k without sorting: bracket the threshold with order statistics
+    of a random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
     Also returns |m - b|_1 when `want_l1` (else 0)."""
     n = m.numel()
     itype = torch.int32 if n < 2**31 else torch.int64
     jobs: dict[int, tuple[float, float]] = {}
     if n > _CHUNK:  # sample with a private generator: deterministic, and the caller's RNG is untouched
         idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
-        smp = _delta(m[idx], None if b is None else b[idx], 0, _SAMPLE, dtype).abs_().sort().values
+        smp = _delta(m[idx], None if b is None else b[idx], 0, _SAMPLE, dtype).abs_()  # unsorted: kthvalue picks
     for j, k in enumerate(ks):
         if 0 < k < n and n > _CHUNK:
             q, p = k / n, (n - k) / n * _SAMPLE
             margin = _MARGIN[0] * math.sqrt(_SAMPLE * q * (1 - q)) + _MARGIN[1]
             lo, hi = math.floor(p - margin), math.ceil(p + margin)
-            jobs[j] = (smp[lo].item() if lo >= 0 else -math.inf, smp[hi].item() if hi < _SAMPLE else math.inf)
+            jobs[j] = (torch.kthvalue(smp, lo + 1).values.item() if lo >= 0 else -math.inf,
+                       torch.kthvalue(smp, hi + 1).values.item() if hi < _SAMPLE else math.inf)
         elif 0 < k < n:
             jobs[j] = (-math.inf, math.inf)
     out: list[_TopK | None] = [None] * len(ks)

@@ -18,6 +18,11 @@ What differs, and why:
   policy's tokenizer is scored on token ids exactly as TRL 1.12 did (what the parity test uses).
 * **Value model**: a (VL)M with a scalar ``score`` head applied per token; by default loaded with
   ``AutoModelForSequenceClassification`` from ``value_model_path`` or from the VLRM reward's directory.
+* **Multi-process** (``accelerate launch``: DDP, DeepSpeed ZeRO-2/3): the accelerator's sync flag marks the last
+  micro-batch of each minibatch, so DDP all-reduces once per optimizer step and a DeepSpeed engine owns
+  accumulation, clipping (``max_grad_norm``, default off as in TRL 1.12) and the step. Under ZeRO-3 generation
+  gathers the partitioned policy (``ds3_gather_for_generation``) and the frozen reference is re-loaded from the
+  policy's checkpoint. The same seed gives the same metrics on DDP, ZeRO-2 and ZeRO-3.
 * **Trainer machinery**: optimizer/scheduler, accelerate, logging (``report_to``), checkpoints and
   ``train(resume_from_checkpoint=...)`` come from ``transformers.Trainer``.
 """
