@@ -38,7 +38,6 @@ def test_vlrm_parts_are_bit_identical_and_text_reward_matches_rm(merged, family,
     from transformers import AutoModelForSequenceClassification
 
     trio, vlrm_dir, _ = merged(family, layout)
-    out = Checkpoint(vlrm_dir, "lvlm") if False else None  # noqa: F841 - VLRM dirs are read raw below
     got = load_all(vlrm_dir)
     lv = Checkpoint(trio["lvlm"], "lvlm")
     rm = Checkpoint(trio["rm"], "rm")
