@@ -32,11 +32,7 @@ def main(script_args: data.RewardScriptArguments, training_args: GRPOConfig, mod
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json, with the logged losses and rewards (log_history)
-    trainer.accelerator.print(f"saved to {training_args.output_dir}")
-    trainer.end()  # finish the trackers and destroy the process group (a clean exit under DeepSpeed)
+    data.train_and_save(trainer, training_args)
 
 
 if __name__ == "__main__":

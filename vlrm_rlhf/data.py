@@ -314,3 +314,13 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
         check_reward_model(rewards[0].__wrapped__.scorer, dataset, script_args.reward_model_path)
     probe_rewards(rewards, dataset)
     return policy, dataset, rewards
+
+
+def train_and_save(trainer: Any, args: Any) -> None:
+    """The end of every recipe: train (resuming if asked), save the model and ``trainer_state.json`` (the logged
+    metrics), then ``Trainer.end()``: finish trackers and destroy the process group, for a clean DeepSpeed exit."""
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    trainer.accelerator.print(f"saved to {args.output_dir}")
+    trainer.end()
