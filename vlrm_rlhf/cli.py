@@ -58,15 +58,20 @@ def families() -> None:
 
 @app.command()
 def demo(
-    work_dir: Path = typer.Option(Path("runs/demo"), "--work-dir", help="Where models and outputs go."),
-    family: str = typer.Option("llava", "--family", help="LVLM family of the tiny models."),
-    seed: int = typer.Option(0, "--seed"),
+    work_dir: Path = typer.Option(Path("runs/demo"), "--work-dir", help="Where models, benchmark and report go."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world, the training runs and the merges."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny models and few steps (under a minute; for CI)."),
 ) -> None:
-    """Build tiny local base/LVLM/RM models, merge them into a VLRM, and score text and image inputs."""
-    from .quickstart import run_quickstart
+    """ShapesWorld end to end: train base/LVLM/text RM, merge, evaluate, sweep λ, best-of-n, PPO, report."""
+    from .demo.run import run_demo
 
     warnings.showwarning = _show_warning
-    run_quickstart(work_dir, family=family, seed=seed)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    rep = run_demo(work_dir, seed=seed, quick=quick)
+    acc, best = rep["accuracy"], rep["best_merge"]
+    typer.echo(f"best merge {best}: {100 * acc[best]['overall']:.1f}% overall on held-out pairs; text RM "
+               f"{100 * acc['text_rm']['overall']:.1f}%, LVLM judge {100 * acc['lvlm_judge']['overall']:.1f}%, "
+               f"no image {100 * acc['no_image']['overall']:.1f}%  (report: {work_dir / 'report.md'})")
 
 
 # ---- reward scoring of JSONL files: rerank (best-of-n evaluation) and score ---------------------------------
@@ -112,6 +117,24 @@ def rerank(
     The last line of stdout is one JSON object with the metrics (percent), n and count.
     """
     import json
+
+    metrics, dt = _rerank_file(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n)
+    k = metrics["n"]
+    typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
+               f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
+    for label, key in (("Pass@1", "pass@1"), (f"Pass@{k}", "pass@n"), ("Random", "random"),
+                       ("RM accuracy", "rm_accuracy"), ("  ties->first", "rm_accuracy_first"),
+                       ("tie rate", "tie_rate")):
+        typer.echo(f"  {label:14s} {metrics[key]:7.2f} %")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+    typer.echo(json.dumps({k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics.items()}))
+
+
+def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_dir: Path | None, image_key: str,
+                 out: Path | None, force: bool, batch_size: int, n: int | None) -> tuple[dict, float]:
+    """Validate a best-of-n JSONL file, score it, write the scored rows to ``out`` (if given) and return the
+    metrics and the scoring time; exit 2 with the reason on bad input (shared by rerank and eval bon)."""
     import time
 
     from . import bon
@@ -148,17 +171,7 @@ def rerank(
             bon.write_jsonl_atomic(rows, out, force=force)
     except (RecordError, OSError) as e:
         _fail(str(e))
-    dt = time.perf_counter() - t0
-    k = metrics["n"]
-    typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
-               f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
-    for label, key in (("Pass@1", "pass@1"), (f"Pass@{k}", "pass@n"), ("Random", "random"),
-                       ("RM accuracy", "rm_accuracy"), ("  ties->first", "rm_accuracy_first"),
-                       ("tie rate", "tie_rate")):
-        typer.echo(f"  {label:14s} {metrics[key]:7.2f} %")
-    if out is not None:
-        typer.echo(f"wrote {out}")
-    typer.echo(json.dumps({k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics.items()}))
+    return metrics, time.perf_counter() - t0
 
 
 @app.command()
@@ -193,6 +206,57 @@ def score(
     except (RecordError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({len(rewards)} rows, mean reward {sum(rewards) / len(rewards):+.4f})")
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Merge recipe (YAML) whose parameters are swept."),
+    grid: list[str] = typer.Option(..., "--grid", "-g", help=(
+        "KEY=start:stop:step (stop included) or KEY=a,b,c; repeat for a product grid. KEY: lambda (alias weight: "
+        "the weight of every non-base model), ROLE.PARAM (lvlm|rm|llm), PARAM or parameters.PARAM (top level: "
+        "density, epsilon, gamma, t; parameters.lambda is the method's own scaling).")),
+    data: Path = typer.Option(..., "--data", help="Validation preference pairs (VL-RewardBench format)."),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Folder the records' image paths are relative to."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for sweep.csv and sweep.png."),
+    metric: str = typer.Option("overall", "--metric", help="Metric that picks the best point (overall, macro, "
+                               "or a category such as hallucination)."),
+    save_best: Path = typer.Option(None, "--save-best", help="Build the best point's merge into this directory."),
+    seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe."),
+    force: bool = typer.Option(False, "--force", help="Replace existing sweep outputs and --save-best directory."),
+) -> None:
+    """Merge every grid point in memory, score preference accuracy on --data, write a CSV and a plot."""
+    from .eval.records import load_pref_records
+    from .eval.sweep import SweepError, check_grid, parse_grid, sweep_prefs
+    from .merge import MergeError, RecipeError, parse_recipe
+    from .merge.checkpoint import CheckpointError
+    from .merge.embeddings import VocabularyError
+    from .merge.families import UnknownFamilyError
+    from .merge.writer import OutputExistsError
+    from .reward.inputs import InputError
+    from .reward.scorer import ScorerError
+
+    warnings.showwarning = _show_warning
+    try:
+        r = parse_recipe(recipe)
+        g = parse_grid(grid)
+        check_grid(r, g)  # bad keys fail before the data and models load
+        records = load_pref_records(data, images_dir=images_dir)
+        rows = sweep_prefs(r, g, records, out_dir=out, metric=metric, save_best=save_best, seed=seed, force=force)
+    except (SweepError, RecipeError, MergeError, CheckpointError, VocabularyError, UnknownFamilyError,
+            OutputExistsError, InputError, ScorerError, OSError) as e:
+        _fail(str(e))
+    best = max(rows, key=lambda row: row[metric])
+    point = ", ".join(f"{k}={best[k]:g}" for k in g)
+    typer.echo(f"{len(rows)} points on {len(records)} pairs; best {metric} {best[metric]:.4f} at {point}")
+    typer.echo(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}" + (f"; best merge in {save_best}" if save_best else ""))
+
+
+from .eval.cli import eval_app  # noqa: E402  (light: the eval commands import their dependencies when run)
+
+app.add_typer(eval_app, name="eval")
+from .analysis.cli import analyze_app  # noqa: E402  (light: the analyses import their dependencies when run)
+
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:

@@ -22,6 +22,15 @@ from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
 from .embeddings import OutputVocab, RowPlan, Vocab, build_output_vocab, gather_rows, plan_rows
 from .recipe import Recipe, RecipeError, parse_recipe, resolve
+from .schedules import (
+    check_ranges,
+    check_swap,
+    iter_settings,
+    layer_of,
+    schedules_in,
+    swap_keeps,
+    tensor_name,
+)
 from .writer import ShardWriter, TensorSpec, atomic_output_dir, plan_shards, write_index
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,7 @@ class Source:
     role: str
     ckpt: Checkpoint
     params: dict | None
+    entry: int | None = None  # index in recipe.models of the entry whose parameters apply (set_parameters)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class MergePlan:
         self._check_pairing()
         self._build_vocab()
         self._build_producers()
+        self._check_schedules()
         for w in M.inert_parameter_warnings(recipe.merge_method, recipe.parameters or {}, [m.params or {} for m in self.models]):
             warnings.warn(w, stacklevel=2)
 
@@ -85,12 +96,13 @@ class MergePlan:
             return opened[path]
 
         self.models: list[Source] = []
-        for m in r.models:
+        for i, m in enumerate(r.models):
             if m.role == "base":
                 continue
-            self.models.append(Source(m.model, m.role, ck(m.model, m.role), m.parameters))
+            self.models.append(Source(m.model, m.role, ck(m.model, m.role), m.parameters, i))
         base_path = r.base_path()
-        base_entry = next((m for m in r.models if m.model == base_path), None)
+        base_i = next((i for i, m in enumerate(r.models) if m.model == base_path), None)
+        base_entry = r.models[base_i] if base_i is not None else None
         if base_path is None:
             if self.method.requires_base:
                 raise RecipeError(f"merge_method {r.merge_method} needs `base_model:` (the shared pretrained LM)")
@@ -100,10 +112,11 @@ class MergePlan:
             self.base = None
             if all(m.name != base_path for m in self.models):
                 role = base_entry.role if base_entry and base_entry.role != "base" else "base"
-                self.models.append(Source(base_path, role, ck(base_path, role), base_entry.parameters if base_entry else None))
+                self.models.append(Source(base_path, role, ck(base_path, role), base_entry.parameters if base_entry else None,
+                                          base_i))
         else:
             role = base_entry.role if base_entry and base_entry.role != "base" else "base"
-            self.base = Source(base_path, role, ck(base_path, role), base_entry.parameters if base_entry else None)
+            self.base = Source(base_path, role, ck(base_path, role), base_entry.parameters if base_entry else None, base_i)
             # a model that is also the base is the base, not a second input (mergekit semantics)
             self.models = [m for m in self.models if m.name != base_path]
         self.lvlm = next(s for s in [*self.models, *([self.base] if self.base else [])] if s.role == "lvlm")
@@ -115,6 +128,22 @@ class MergePlan:
                 f"{'' if self.method.max_inputs == self.method.min_inputs else '+'} non-base model(s), got {n}"
                 + (" (slerp: set base_model to one model and list one other)" if r.merge_method == "slerp" else "")
             )
+
+    def set_parameters(self, recipe: Recipe) -> None:
+        """Swap in the parameter values of ``recipe``, which must name the same method, models and roles.
+
+        The hook for in-memory sweeps (merge/inmemory.py): inputs, vocabulary and producers stay as planned.
+        """
+        old, new = self.recipe, recipe
+        entries = [[(m.model, m.role) for m in r.models] for r in (old, new)]
+        same = (new.merge_method == old.merge_method and new.base_path() == old.base_path()
+                and new.output == old.output and entries[0] == entries[1])
+        if not same:
+            raise RecipeError("set_parameters: the new recipe must keep merge_method, base_model, output and models; "
+                              "only parameter values may change")
+        for s in self.sources:
+            s.params = new.models[s.entry].parameters if s.entry is not None else None
+        self.recipe = new
 
     @property
     def sources(self) -> list[Source]:
@@ -200,21 +229,50 @@ class MergePlan:
         return plan_rows(self.out_vocab, rows, self.vocabs, base.name, self.lvlm.name, merge_srcs)
 
     # ---- per-tensor merge -------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the base text model (Mllama's cross-attention layers not counted)."""
+        if not hasattr(self, "_n_layers"):
+            idx = [i for c in self.lvlm.ckpt.text if (i := layer_of(c)) is not None]
+            self._n_layers = 1 + max(idx) if idx else 0
+        return self._n_layers
+
+    def _check_schedules(self) -> None:
+        """Range checks of per-layer schedules and ``layer_swap`` against the base's layer count."""
+        r, n = self.recipe, self.n_layers
+        try:
+            if r.layer_swap is not None:
+                check_swap(r.layer_swap, n)
+            data = {"parameters": r.parameters, "models": [{"parameters": m.parameters} for m in r.models]}
+            for where, _, setting in iter_settings(data):
+                for loc, sched in schedules_in(setting, where):
+                    check_ranges(sched, n, loc)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        self._checked = r
+
     def _t(self, canon: str) -> float:
         m = _LAYER.match(canon)
         if not m:
             return 0.0
-        n = (self.base or self.lvlm).ckpt.config.get_text_config().num_hidden_layers
+        n = self.n_layers
         return int(m.group(1)) / (n - 1) if n > 1 else 1.0
 
     def _params(self, canon: str) -> tuple[list[dict], dict]:
-        name = canon if canon.startswith("lm_head") else "model." + canon
-        t = self._t(canon)
+        if getattr(self, "_checked", None) is not self.recipe:  # parameters were swapped in (set_parameters)
+            self._check_schedules()
+        name = tensor_name(canon)
+        t, layer, n = self._t(canon), layer_of(canon), self.n_layers
         top = self.recipe.parameters or {}
-        shared = {k: v for k in self.method.shared_params if (v := resolve(k, [top], name, t)) is not None}
+        shared = {k: v for k in self.method.shared_params if (v := resolve(k, [top], name, t, layer, n)) is not None}
         per = []
         for s in self.models:
-            p = {k: v for k in self.method.input_params if (v := resolve(k, [s.params, top], name, t)) is not None}
+            p = {k: v for k in self.method.input_params
+                 if (v := resolve(k, [s.params, top], name, t, layer, n)) is not None}
+            for k, default in self.method.input_params.items():
+                if k not in p and default is M.REQUIRED and any(isinstance((sc or {}).get(k), list) for sc in (s.params, top)):
+                    raise MergeError(f"{s.role} model {s.name}: no `filter:` entry of parameter {k!r} matches tensor "
+                                     f"{name}: add a catch-all entry without filter, e.g. `- {{value: 1.0}}`")
             per.append(p)
         return per, shared
 
@@ -226,6 +284,10 @@ class MergePlan:
         return g
 
     def _merge(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if swap_keeps(self.recipe.layer_swap, canon):  # layer_swap: the LVLM's own tensor, bit-identical
+            if self.base is self.lvlm:
+                return base
+            return tensors[[s for s in self.models if canon in s.ckpt.text or base is not None].index(self.lvlm)]
         per, shared = self._params(canon)
         if len(tensors) != len(per):  # models lacking the tensor, with no base to stand in for them
             have = [s for s in self.models if canon in s.ckpt.text]

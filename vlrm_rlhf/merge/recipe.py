@@ -2,6 +2,8 @@
 
 A user's mergekit config (``models:`` form) runs unchanged once each model gets a role. Parameter values
 keep mergekit's meaning: scalars, gradients (a list interpolated across layers) and ``filter`` entries.
+Per-layer schedules (``{schedule: linear|step, ...}``) and the top-level ``layer_swap`` are described in
+``schedules.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .schedules import LayerSwap, Schedule, check_recipe_schedules, schedule_value
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -24,11 +28,11 @@ class Conditional(BaseModel):
     """A parameter value restricted to tensors whose name contains ``filter`` (mergekit semantics)."""
 
     model_config = ConfigDict(extra="forbid")
-    value: ScalarOrGradient
+    value: Schedule | ScalarOrGradient
     filter: str | None = None
 
 
-Setting = Conditional | list[Conditional] | ScalarOrGradient
+Setting = Schedule | Conditional | list[Conditional] | ScalarOrGradient
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -53,6 +57,7 @@ class Recipe(BaseModel):
     out_dtype: str | None = None
     output: Literal["vlrm", "lvlm"] = "vlrm"
     seed: int | None = None
+    layer_swap: LayerSwap | None = None  # first k base layers copied from the LVLM (schedules.py)
     tokenizer_source: str | None = None  # accepted for mergekit compatibility; the LVLM's tokenizer is used
     chat_template: str | None = None
     name: str | None = None
@@ -63,6 +68,13 @@ class Recipe(BaseModel):
         if v is not None and v not in DTYPES:
             raise ValueError(f"must be one of {DTYPES}, got {v!r}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedules(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_recipe_schedules(data)
+        return data
 
     @model_validator(mode="after")
     def _roles(self) -> Recipe:
@@ -120,7 +132,9 @@ def _format_validation(err: ValidationError) -> str:
             msg = "unknown key" + _hint(str(e["loc"][-1]))
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc or '(top level)'}: {msg}")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -167,14 +181,20 @@ def parse_recipe(data: dict[str, Any] | str | Path, *, root: Path | None = None)
     return recipe.resolve_paths(root or Path.cwd())
 
 
-def evaluate_setting(setting: Setting | None, tensor_name: str, t: float) -> Any:
+def evaluate_setting(setting: Setting | None, tensor_name: str, t: float, layer: int | None = None,
+                     n_layers: int | None = None) -> Any:
     """Resolve one parameter for a tensor: filters pick an entry, numeric gradients interpolate at ``t``.
 
     Mirrors mergekit: a list of numbers is a gradient over layers (t in [0, 1]); non-numeric lists pick
-    ``values[int(t * (n - 1))]``; a filter matches when it is a substring of the tensor name.
+    ``values[int(t * (n - 1))]``; a filter matches when it is a substring of the tensor name. A schedule
+    takes its value at base layer ``layer`` of ``n_layers`` (``layer`` None: outside the decoder layers).
     """
     if setting is None:
         return None
+    if isinstance(setting, BaseModel) and hasattr(setting, "schedule"):
+        if n_layers is None:
+            raise ValueError(f"a per-layer schedule needs the layer count to resolve for {tensor_name}")
+        return schedule_value(setting, layer, n_layers)
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, list):
@@ -183,7 +203,7 @@ def evaluate_setting(setting: Setting | None, tensor_name: str, t: float) -> Any
         if all(isinstance(x, Conditional) for x in setting):
             for cond in setting:
                 if cond.filter in (None, "*") or cond.filter in tensor_name:
-                    return evaluate_setting(cond.value, tensor_name, t)
+                    return evaluate_setting(cond.value, tensor_name, t, layer, n_layers)
             return None
         if all(isinstance(x, int | float) and not isinstance(x, bool) for x in setting):
             scaled = t * (len(setting) - 1)
@@ -195,11 +215,12 @@ def evaluate_setting(setting: Setting | None, tensor_name: str, t: float) -> Any
     return setting
 
 
-def resolve(name: str, scopes: list[dict[str, Setting] | None], tensor_name: str, t: float) -> Any:
+def resolve(name: str, scopes: list[dict[str, Setting] | None], tensor_name: str, t: float,
+            layer: int | None = None, n_layers: int | None = None) -> Any:
     """First non-None value of ``name`` across scopes (model-level before recipe-level)."""
     for scope in scopes:
         if scope and name in scope:
-            v = evaluate_setting(scope[name], tensor_name, t)
+            v = evaluate_setting(scope[name], tensor_name, t, layer, n_layers)
             if v is not None:
                 return v
     return None

@@ -1,0 +1,1 @@
+"""The ShapesWorld demo: train, merge, evaluate, sweep, rerank, PPO, report."""

@@ -1,0 +1,170 @@
+"""``vlrm-rlhf demo``: the whole idea, end to end, on a laptop CPU.
+
+Builds ShapesWorld, trains base / LVLM / text RM (cached), merges with every method, evaluates baselines and
+merges on held-out pairs, sweeps task arithmetic's λ grid in memory (choosing on validation), reranks the
+LVLM's best-of-n answers with the best VLRM, runs a short PPO with the merged reward, and writes
+``report.md`` + ``report.json`` + PNG plots into the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..worlds.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of everything after training; ``quick`` is the CI variant."""
+
+    val_per_cat: int = 150
+    test_per_cat: int = 300
+    unseen_per_cat: int = 150
+    grid_lvlm: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    grid_rm: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    bon_questions: int = 100
+    bon_n: int = 8
+    ppo_updates: int = 40
+    ppo_batch: int = 16
+    ppo_eval: int = 150
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(val_per_cat=8, test_per_cat=10, unseen_per_cat=6, grid_lvlm=(0.0, 1.0), grid_rm=(0.5, 1.0),
+                   bon_questions=6, bon_n=4, ppo_updates=2, ppo_batch=4, ppo_eval=8)
+
+
+class _Clock:
+    """Named stage timings, printed as they finish."""
+
+    def __init__(self, progress: bool):
+        self.t: dict[str, float] = {}
+        self.progress = progress
+        self._start = time.perf_counter()
+
+    def stage(self, name: str, msg: str):
+        clock = self
+
+        class _S:
+            def __enter__(self):
+                if clock.progress:
+                    print(f"[{time.perf_counter() - clock._start:6.1f}s] {msg} ...", flush=True)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.t[name] = round(time.perf_counter() - self.t0, 1)
+
+        return _S()
+
+
+def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage and write the report; returns ``report.json``'s content."""
+    from ..eval.records import load_pref_records
+    from ..eval.report import write_json_atomic
+    from ..eval.sweep import run_sweep
+    from ..merge import build
+    from ..worlds.bench import write_benchmark
+    from ..worlds.shapes import World
+    from ..worlds.train import train_all
+    from . import evaluate as ev
+    from .merges import METHOD_PARAMS, write_recipes
+    from .report import plot_accuracy, plot_reward_curve, write_markdown
+    from .rl import best_of_n_stage, eval_questions, ppo_stage
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig.quick() if quick else TrainConfig()
+    st = DemoSettings.quick() if quick else DemoSettings()
+    clock = _Clock(progress)
+    t_start = time.perf_counter()
+
+    with clock.stage("world", "building ShapesWorld and its benchmark (VL-RewardBench format)"):
+        world = World(seed, n_train=cfg.n_train)
+        bench = write_benchmark(world, work / "bench", {"val": st.val_per_cat, "test": st.test_per_cat,
+                                                        "test_unseen": st.unseen_per_cat}, seed)
+    with clock.stage("train", "training base LM, LVLM and text RM (cached in models/)"):
+        trained = train_all(work / "models", seed, cfg, progress=progress)
+        dirs = trained["dirs"]
+    with clock.stage("merge", f"merging with {len(METHOD_PARAMS)} methods"):
+        recipes = write_recipes(dirs, work / "recipes", seed)
+        merges = {m: build(p, work / "merges" / m, force=True, progress=False) for m, p in recipes.items()}
+
+    splits = {s: load_pref_records(p) for s, p in bench.items()}
+    raw = [json.loads(line) for p in bench.values() for line in p.read_text().splitlines()]
+    descriptions = ev.descriptions_by_image([r for rs in splits.values() for r in rs], raw)
+
+    with clock.stage("sweep", "sweeping task arithmetic's (λ_LVLM, λ_RM) grid in memory"):
+        val, test = splits["val"], splits["test"]
+
+        def evaluate(model, processor) -> dict[str, float]:
+            from ..reward.scorer import VLRewardScorer
+
+            sc = VLRewardScorer(model, processor, mode="vlrm")
+            v, t = ev.accuracy(sc, val), ev.accuracy(sc, test)
+            return {**v, **{f"test_{k}": x for k, x in t.items()}}
+
+        grid = {"lvlm.weight": list(st.grid_lvlm), "rm.weight": list(st.grid_rm)}
+        swept = work / "merges" / "task_arithmetic_swept"
+        sweep_rows = run_sweep(recipes["task_arithmetic"], grid, evaluate, out_dir=work / "sweep", metric="overall",
+                               save_best=swept, seed=seed, progress=progress, force=True)
+        merges["task_arithmetic_swept"] = swept
+        sweep_best = max(sweep_rows, key=lambda r: r["overall"])
+
+    with clock.stage("evaluate", "evaluating baselines and merges on validation, test and unseen-combination pairs"):
+        res = ev.evaluate_all(ev.scorer_factories(dirs, merges, descriptions), splits, progress=progress)
+        best = max(merges, key=lambda m: res["val"][m]["overall"])
+        from ..reward.scorer import VLRewardScorer
+
+        no_img = VLRewardScorer.from_pretrained(merges[best], mode="no_image")
+        for s, recs in splits.items():
+            res[s]["no_image"] = ev.accuracy(no_img, recs)
+
+    with clock.stage("bon", "best-of-n: reranking the LVLM's sampled answers with the best VLRM"):
+        items = eval_questions(world, st.bon_questions, seed)
+        bon = best_of_n_stage(dirs["lvlm"], merges[best], items, st.bon_n, seed)
+    with clock.stage("ppo", "PPO on the LVLM with the merged reward"):
+        ppo = ppo_stage(world, dirs["lvlm"], merges[best], work, updates=st.ppo_updates, batch=st.ppo_batch,
+                        seed=seed, eval_items=eval_questions(world, st.ppo_eval, seed + 1), progress=progress)
+
+    acc = res["test"]
+    gain_rm = 100 * (acc[best]["overall"] - acc["text_rm"]["overall"])
+    gain_judge = 100 * (acc[best]["overall"] - acc["lvlm_judge"]["overall"])
+    drop = 100 * (acc[best]["overall"] - acc["no_image"]["overall"])
+    clock.t["total"] = round(time.perf_counter() - t_start, 1)
+    order = ["text_rm", "lvlm_judge", "lvlm_judge_mean", "cascade", "text_rm_oracle", *METHOD_PARAMS,
+             "task_arithmetic_swept", "no_image"]
+    rep: dict[str, Any] = {
+        "seed": seed, "quick": quick, "best_merge": best,
+        "accuracy": acc, "accuracy_val": res["val"], "accuracy_unseen": res["test_unseen"],
+        "targets": {"gain_over_text_rm_pts": gain_rm, "gain_over_lvlm_judge_pts": gain_judge,
+                    "no_image_drop_pts": drop, "beats_text_rm": gain_rm >= 10, "beats_lvlm_judge": gain_judge >= 10,
+                    "no_image_drop": drop >= 10},
+        "sweep": sweep_rows, "sweep_best": sweep_best, "bon": bon,
+        "ppo": {k: v for k, v in ppo.items() if k != "curve"}, "ppo_curve": ppo["curve"],
+        "unseen_combos": sorted(world.unseen), "n_pairs": {s: len(r) for s, r in splits.items()},
+        "training": trained["log"], "models_cached": trained["cached"], "timings": clock.t,
+        "train_config": json.loads(cfg.key()),
+    }
+    _check_finite(rep["accuracy"])
+    plot_accuracy(acc, [n for n in order if n in acc], work / "accuracy.png",
+                  f"ShapesWorld preference accuracy, test pairs (seed {seed})")
+    if ppo["curve"]:
+        plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})")
+    (work / "sweep.png").write_bytes((work / "sweep" / "sweep.png").read_bytes())
+    write_json_atomic(rep, work / "report.json", force=True)
+    write_markdown(rep, [n for n in order if n in acc], work / "report.md")
+    if progress:
+        print(f"[{clock.t['total']:6.1f}s] wrote {work / 'report.md'} and {work / 'report.json'}", flush=True)
+    return rep
+
+
+def _check_finite(acc: dict[str, dict[str, float]]) -> None:
+    bad = [f"{n}.{k}" for n, a in acc.items() for k, v in a.items() if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"non-finite accuracies in the report: {bad}")

@@ -1,0 +1,170 @@
+"""``vlrm-rlhf eval prefs|bon``: preference accuracy (VL-RewardBench format) and best-of-n evaluation.
+
+Registered on the main app as ``eval``. Heavy imports (torch, transformers) happen inside the commands, so
+importing this module (and ``vlrm-rlhf --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+
+eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Evaluate reward models: preference accuracy (prefs) and best-of-n reranking (bon).")
+
+PREF_MODES = ("vlrm", "no_image", "text_rm", "cascade", "judge")
+
+
+def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[Path]:
+    """``out`` and its siblings (``out`` with each suffix), all checked writable before any work is done."""
+    from .. import cli as main
+
+    if out is None:
+        return []
+    if out.suffix in suffixes:
+        main._fail(f"--out is the JSON results file; {out.suffix} files are written next to it")
+    paths = [out, *(out.with_suffix(s) for s in suffixes)]
+    from ..bon import check_writable
+
+    for p in paths:
+        try:
+            check_writable(p, force)
+        except OSError as e:
+            main._fail(str(e))
+    return paths
+
+
+@eval_app.command("prefs")
+def prefs(
+    data: Path = typer.Argument(..., help="Preference pairs: .jsonl, .json, .parquet or a save_to_disk folder."),
+    model: Path = typer.Option(None, "--model", "-m", help="Reward model directory (VLRM or text RM); the LVLM for --mode judge."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade | judge."),
+    lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM (mode cascade) or the judge LVLM (mode judge)."),
+    judge_kind: str = typer.Option("loglik_sum", "--judge-kind", help="loglik_sum | loglik_mean | yes_no (mode judge)."),
+    judge_template: str = typer.Option(None, "--judge-template", help="yes_no prompt with {question} and {answer}."),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Folder that relative image paths are looked up in first."),
+    split: str = typer.Option(None, "--split", help="Split of a save_to_disk DatasetDict (default: test, or the only one)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Results JSON; RESULTS.md and RESULTS.records.jsonl go next to it."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N rows."),
+    tol: float = typer.Option(0.0, "--tol", min=0.0, help="Scores closer than this count as a tie (credit 0.5)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Preference pairs per scoring call."),
+    ties: str = typer.Option("skip", "--human-ties", help="Records with tied human ranks: skip (counted) | error."),
+    label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
+) -> None:
+    """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
+    import time
+
+    from .. import cli as main
+    from ..bon import write_jsonl_atomic
+    from ..reward.inputs import InputError
+    from .prefs import evaluate_prefs
+    from .records import PrefDataError, load_pref_data
+    from .report import markdown_table, write_json_atomic, write_text_atomic
+
+    warnings.showwarning = main._show_warning
+    if mode not in PREF_MODES:
+        main._fail(f"unknown --mode {mode!r}: use {', '.join(PREF_MODES)}")
+    if ties not in ("skip", "error"):
+        main._fail(f"--human-ties must be skip or error, not {ties!r}")
+    if mode == "judge":
+        from .judge import JUDGE_KINDS
+
+        if judge_kind not in JUDGE_KINDS:
+            main._fail(f"unknown --judge-kind {judge_kind!r}: use {', '.join(JUDGE_KINDS)}")
+        if (model is None) == (lvlm is None):
+            main._fail("--mode judge needs the judge LVLM as --model DIR (or --lvlm DIR), exactly one of them")
+        scorer_dir = model or lvlm
+    else:
+        if judge_template is not None:
+            main._fail("--judge-template is only used with --mode judge")
+        main._check_mode(mode, lvlm)
+        if model is None:
+            main._fail(f"--mode {mode} needs --model DIR (the reward model)")
+        scorer_dir = model
+    paths = _outputs(out, force, (".md", ".records.jsonl"))
+    try:
+        loaded = load_pref_data(data, images_dir=images_dir, limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
+    except PrefDataError as e:
+        main._fail(str(e))
+    if mode == "judge":
+        from .judge import DEFAULT_TEMPLATE, JudgeError, LVLMJudge
+
+        try:
+            scorer = LVLMJudge.from_pretrained(scorer_dir, kind=judge_kind,  # type: ignore[arg-type]
+                                               template=judge_template or DEFAULT_TEMPLATE)
+        except (JudgeError, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            main._fail(f"cannot load judge model {scorer_dir}: {reason}")
+    else:
+        scorer = main._load_scorer(scorer_dir, mode, lvlm)
+    t0 = time.perf_counter()
+    try:
+        result = evaluate_prefs(scorer, loaded.records, tol=tol, batch_size=batch_size)
+    except (InputError, ValueError) as e:
+        main._fail(str(e))
+    dt = time.perf_counter() - t0
+    label = label or f"{mode}{':' + judge_kind if mode == 'judge' else ''} ({Path(scorer_dir).name})"
+    table = markdown_table({label: result.metrics})
+    skipped = f", {len(loaded.skipped)} skipped as human ties" if loaded.skipped else ""
+    head = f"preference accuracy on {data} ({result.metrics['n']} pairs{skipped}; {dt:.1f} s)"
+    typer.echo(head)
+    typer.echo(table, nl=False)
+    if paths:
+        out_json, out_md, out_rec = paths
+        summary = {"data": str(data), "mode": mode, "model": str(scorer_dir), "lvlm": str(lvlm) if lvlm else None,
+                   "judge_kind": judge_kind if mode == "judge" else None, "label": label, "tol": tol, "limit": limit,
+                   "skipped_human_ties": loaded.skipped, "seconds": round(dt, 3), "metrics": result.metrics,
+                   "records_file": out_rec.name}
+        try:  # the JSON last: its presence means the run is complete
+            write_jsonl_atomic(result.rows, out_rec, force=force)
+            write_text_atomic(f"# {head}\n\n{table}", out_md, force)
+            write_json_atomic(summary, out_json, force)
+        except (OSError, ValueError) as e:
+            main._fail(str(e))
+        typer.echo(f"wrote {out_json}, {out_md.name}, {out_rec.name}")
+
+
+@eval_app.command("bon")
+def bon(
+    data: Path = typer.Argument(..., help="Best-of-n JSONL (id, input, responses, correctness)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Reward model directory (a VLRM, or a text RM)."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade."),
+    lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Folder of images named {id}.jpg|.png."),
+    image_key: str = typer.Option("id", "--image-key", help="Row field that names the image file."),
+    out: Path = typer.Option(None, "--out", "-o", help="Metrics JSON; RESULTS.md goes next to it."),
+    scores_out: Path = typer.Option(None, "--scores-out", help="Write the rows back with 'scores' (JSONL)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
+    n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
+    label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
+) -> None:
+    """Best-of-n reranking: Pass@1, Pass@N, Random, RM accuracy and tie rate as a markdown table.
+
+    The same scoring as ``vlrm-rlhf rerank``; the last line of stdout is the same metrics JSON.
+    """
+    import json
+
+    from .. import cli as main
+    from .report import bon_markdown_table, write_json_atomic, write_text_atomic
+
+    warnings.showwarning = main._show_warning
+    paths = _outputs(out, force, (".md",))
+    metrics, dt = main._rerank_file(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n)
+    label = label or f"{mode} ({model.name})"
+    table = bon_markdown_table({label: metrics})
+    head = f"best-of-{metrics['n']} on {data} ({metrics['count']} rows; {dt:.1f} s)"
+    typer.echo(head)
+    typer.echo(table, nl=False)
+    if paths:
+        try:
+            write_text_atomic(f"# {head}\n\n{table}", paths[1], force)
+            write_json_atomic({"data": str(data), "mode": mode, "model": str(model), "label": label,
+                               "seconds": round(dt, 3), "metrics": metrics}, paths[0], force)
+        except (OSError, ValueError) as e:
+            main._fail(str(e))
+        typer.echo(f"wrote {paths[0]}, {paths[1].name}")
+    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))

@@ -1,0 +1,81 @@
+"""Writing evaluation results: atomic JSON / text files and markdown tables (accuracies shown in percent)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..bon import check_writable
+from .records import CATEGORY_ORDER
+
+__all__ = ["bon_markdown_table", "markdown_table", "write_json_atomic", "write_text_atomic"]
+
+
+def write_text_atomic(text: str, path: str | Path, force: bool = False) -> Path:
+    """Write ``text`` to a temporary sibling, then move it into place; never replace a file without ``force``."""
+    path = check_writable(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the file appeared meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"output file {path} already exists (use --force to replace it)") from None
+            except OSError:  # filesystems without hard links
+                if path.exists():
+                    raise FileExistsError(f"output file {path} already exists (use --force to replace it)") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json_atomic(obj: Any, path: str | Path, force: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (NaN/Inf refused) atomically; see ``write_text_atomic``."""
+    return write_text_atomic(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n", path, force)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]], categories: Sequence[str] | None = None) -> str:
+    """Preference accuracies as a markdown table: a row per scorer (label → ``pref_metrics`` dict).
+
+    Columns: overall (micro), macro, each category (VL-RewardBench's order, then others), tie rate, n.
+    """
+    if categories is None:
+        seen = {c for m in results.values() for c in m["categories"]}
+        categories = [c for c in CATEGORY_ORDER if c in seen] + sorted(seen - set(CATEGORY_ORDER))
+    head = ["scorer", "overall %", "macro %", *(f"{c} %" for c in categories), "ties %", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for label, m in results.items():
+        cats = [_pct(m["categories"][c]["accuracy"]) if c in m["categories"] else "–" for c in categories]
+        cells = [str(label).replace("|", "\\|"), _pct(m["overall"]), _pct(m["macro"]), *cats, _pct(m["tie_rate"]),
+                 str(m["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bon_markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Best-of-n metrics (``bon.bon_metrics``, already in percent) as a markdown table, a row per scorer."""
+    head = ["scorer", "Pass@1 %", "Pass@N %", "Random %", "RM accuracy %", "ties->first %", "ties %", "N", "rows"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for label, m in results.items():
+        cells = [str(label).replace("|", "\\|"), *(f"{m[k]:.2f}" for k in ("pass@1", "pass@n", "random", "rm_accuracy",
+                                                                           "rm_accuracy_first", "tie_rate")),
+                 str(m["n"]), str(m["count"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,333 @@
+"""Merge-parameter sweeps: every grid point merged in memory into one loaded model, evaluated, tabulated, plotted.
+
+Grid keys (``parse_grid``): ``lambda`` (alias ``weight``) is the ``weight`` of every non-base model (the paper's λ);
+``ROLE.PARAM`` (roles lvlm, rm, llm) is that model's parameter; ``parameters.PARAM`` or a bare ``PARAM`` (density,
+epsilon, gamma, t) is a top-level recipe parameter (``parameters.lambda`` is the method's own λ scaling).
+``run_sweep`` writes ``sweep.csv`` and ``sweep.png`` and can save the best point as a real merged directory,
+built by the disk engine with the same parameters (bit-identical to the model that was evaluated).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..merge import methods as M
+from ..merge.engine import MergeError
+from ..merge.recipe import Recipe, RecipeError, parse_recipe
+
+__all__ = ["SweepError", "grid_points", "check_grid", "parse_grid", "plot_sweep", "point_overrides",
+           "pref_evaluator", "run_sweep", "sweep_prefs", "valid_keys"]
+
+ROLES = ("lvlm", "rm", "llm")
+WEIGHT_KEYS = ("lambda", "weight")  # grid aliases for the weight of every non-base model
+NUMERIC = ("weight", "density", "gamma", "epsilon", "lambda", "t")  # sweepable (numeric) merge parameters
+TOP = "parameters."
+_TOL = 1e-9
+Evaluate = Callable[[Any, Any], Mapping[str, float]]
+
+
+class SweepError(ValueError):
+    """A bad grid, key or output path; the message names the culprit and the valid choices."""
+
+
+# ---- grid ------------------------------------------------------------------------------------------------
+def _number(text: str, spec: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise SweepError(f"grid {spec!r}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(v):
+        raise SweepError(f"grid {spec!r}: {text.strip()!r} is not finite")
+    return v
+
+
+def _values(text: str, spec: str) -> list[float]:
+    """``start:stop:step`` (stop included within float tolerance) or ``a,b,c``."""
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise SweepError(f"grid {spec!r}: a range is start:stop:step, got {text!r}")
+        start, stop, step = (_number(p, spec) for p in parts)
+        if step == 0 or (stop - start) * step < 0:
+            raise SweepError(f"grid {spec!r}: step {step:g} does not lead from {start:g} to {stop:g}")
+        n = math.floor((stop - start) / step + _TOL) + 1
+        if n > 10_000:
+            raise SweepError(f"grid {spec!r}: {n} values; use a larger step")
+        vals = [round(start + i * step, 12) for i in range(n)]
+        if abs(vals[-1] - stop) <= _TOL * max(1.0, abs(stop)):
+            vals[-1] = stop
+        return vals
+    vals = [_number(p, spec) for p in text.split(",")] if text.strip() else []
+    if not vals:
+        raise SweepError(f"grid {spec!r}: no values (use a,b,c or start:stop:step)")
+    dup = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
+    if dup is not None:
+        raise SweepError(f"grid {spec!r}: value {dup:g} is listed twice")
+    return vals
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[float]]:
+    """Parse ``KEY=start:stop:step`` / ``KEY=a,b,c`` specs into {key: values}, keys in the given order."""
+    grid: dict[str, list[float]] = {}
+    seen: dict[str, str] = {}
+    for spec in specs:
+        key, eq, text = spec.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise SweepError(f"grid {spec!r}: expected KEY=VALUES, e.g. lambda=0:1:0.1 or density=0.2,0.4")
+        canon = "weight" if key in WEIGHT_KEYS else key
+        if canon in seen:
+            raise SweepError(f"grid {spec!r}: key {key!r} is already swept by {seen[canon]!r}")
+        seen[canon] = spec
+        grid[key] = _values(text, spec)
+    if not grid:
+        raise SweepError("empty grid: give at least one --grid KEY=VALUES")
+    return grid
+
+
+def grid_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """The cartesian product of the grid in a fixed order: the first key varies slowest."""
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _roles(recipe: Recipe) -> list[str]:
+    base = recipe.base_path()
+    return [m.role for m in recipe.models if m.role != "base" and m.model != base]
+
+
+def valid_keys(recipe: Recipe) -> list[str]:
+    """Grid keys this recipe's merge method accepts."""
+    m = M.get_method(recipe.merge_method)
+    per = [p for p in NUMERIC if p in m.input_params]
+    top = [p for p in NUMERIC if p in m.shared_params or p in m.input_params]
+    keys = list(WEIGHT_KEYS) if "weight" in per else []
+    keys += [p for p in top if p not in WEIGHT_KEYS] + [TOP + p for p in top]
+    return keys + [f"{r}.{p}" for r in _roles(recipe) for p in per]
+
+
+def check_grid(recipe: Recipe, grid: Mapping[str, Sequence[float]]) -> list[str]:
+    """Raise SweepError for a key the method does not take; return warnings for keys that cannot take effect."""
+    valid = valid_keys(recipe)
+    notes = []
+    for key in grid:
+        if key not in valid:
+            raise SweepError(f"unknown sweep key {key!r} for merge_method {recipe.merge_method}; "
+                             f"valid keys: {', '.join(valid)}")
+        param = key.removeprefix(TOP)
+        if "." not in param and key not in WEIGHT_KEYS and param in M.get_method(recipe.merge_method).input_params:
+            own = [m.role for m in recipe.models if m.role in _roles(recipe) and param in (m.parameters or {})]
+            if own:
+                notes.append(f"sweep key {key!r} is a top-level default, but {', '.join(own)} set(s) {param} "
+                             f"itself, which wins: sweep {', '.join(f'{r}.{param}' for r in own)} instead")
+    return notes
+
+
+def point_overrides(recipe: Recipe, point: Mapping[str, float]) -> dict[str, float]:
+    """Merger overrides (``PARAM`` top-level, ``ROLE.PARAM``) of a grid point; role-specific keys beat ``lambda``."""
+    out: dict[str, float] = {}
+    for key, v in point.items():
+        if key in WEIGHT_KEYS:
+            out.update({f"{r}.weight": v for r in _roles(recipe)})
+    for key, v in point.items():
+        if key not in WEIGHT_KEYS:
+            out[key.removeprefix(TOP)] = v
+    return out
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+def _replace_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Rows as CSV (columns in first-seen order), written atomically."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _replace_atomic(path, buf.getvalue().encode())
+
+
+def _label(point: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in point.items())
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, path: Path,
+               title: str = "merge sweep") -> None:
+    """One key: every metric against it; two keys: ``metric`` against the first, a line per second-key value;
+    more: the best points as bars. Written atomically (PNG, Agg canvas: no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    best = max(rows, key=lambda r: _score(r, metric))
+    if len(keys) == 1:
+        k = keys[0]
+        names = [c for c in rows[0] if c not in keys and c != "n" and _is_num(rows[0][c])]
+        for c in names:
+            ax.plot([r[k] for r in rows], [r[c] for r in rows], marker="o", ms=3,
+                    lw=2.5 if c == metric else 1.2, label=c, zorder=3 if c == metric else 2)
+        ax.axvline(best[k], color="grey", ls=":", lw=1, label=f"best {metric}: {k}={best[k]:g}")
+        ax.set_xlabel(k)
+        ax.set_ylabel("metric")
+    elif len(keys) == 2:
+        k1, k2 = keys
+        for v2 in dict.fromkeys(r[k2] for r in rows):
+            sub = [r for r in rows if r[k2] == v2]
+            ax.plot([r[k1] for r in sub], [r[metric] for r in sub], marker="o", ms=3, label=f"{k2}={v2:g}")
+        star = f"best: {_label({k: best[k] for k in keys})}"
+        ax.plot([best[k1]], [best[metric]], marker="*", ms=14, color="black", ls="", label=star)
+        ax.set_xlabel(k1)
+        ax.set_ylabel(metric)
+    else:
+        top = sorted(rows, key=lambda r: -_score(r, metric))[:25]
+        ax.barh(range(len(top)), [r[metric] for r in top], color="tab:blue")
+        ax.set_yticks(range(len(top)), [_label({k: r[k] for k in keys}) for r in top], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(metric)
+        ax.set_title(f"{title}: best {len(top)} of {len(rows)} points by {metric}")
+    if len(keys) <= 2:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        ax.set_title(f"{title} ({len(rows)} points)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    _replace_atomic(path, buf.getvalue())
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _score(row: Mapping[str, Any], metric: str) -> float:
+    v = row[metric]
+    return v if _is_num(v) and not math.isnan(v) else -math.inf
+
+
+# ---- the sweep -------------------------------------------------------------------------------------------
+def run_sweep(
+    recipe: Recipe | str | Path,
+    grid: Mapping[str, Sequence[float]] | Sequence[str],
+    evaluate: Evaluate,
+    *,
+    out_dir: str | Path,
+    metric: str = "overall",
+    save_best: str | Path | None = None,
+    seed: int | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Merge every grid point in memory, ``evaluate(model, processor) -> {metric: value}`` it, and write
+    ``out_dir/sweep.csv`` + ``sweep.png``; ``save_best`` builds the best point (by ``metric``) to disk.
+
+    Returns one row per point: the grid values, then the metrics.
+    """
+    from tqdm.auto import tqdm
+
+    from ..merge.inmemory import InMemoryMerger
+    from ..merge.writer import OutputExistsError
+
+    recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(Path(recipe))
+    grid = dict(grid) if isinstance(grid, Mapping) else parse_grid(grid)
+    if not grid or not all(grid.values()):
+        raise SweepError("empty grid: give at least one key with values")
+    for note in check_grid(recipe, grid):
+        warnings.warn(note, stacklevel=2)
+    out_dir = Path(out_dir)
+    outputs = [out_dir / "sweep.csv", out_dir / "sweep.png"]
+    if not force and (clash := [str(p) for p in outputs if p.exists()]):
+        raise OutputExistsError(f"{', '.join(clash)} already exist(s); pass --force to replace")
+    if save_best is not None and Path(save_best).exists() and not force:
+        raise OutputExistsError(f"--save-best directory {save_best} already exists; pass --force to replace it")
+    points = grid_points(grid)
+    with warnings.catch_warnings(record=True) as caught:  # the recipe's own inert settings are not swept: drop
+        warnings.simplefilter("always")
+        merger = InMemoryMerger(recipe, dtype=dtype, seed=seed, progress=progress)
+    own = set(M.inert_parameter_warnings(recipe.merge_method, recipe.parameters or {},
+                                         [s.params or {} for s in merger.plan.models]))
+    for w in caught:
+        if str(w.message) not in own:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        notes = []
+        for p in points:  # every point is validated before the first evaluation
+            try:
+                notes += merger.check(point_overrides(recipe, p))
+            except (MergeError, RecipeError) as e:
+                raise SweepError(f"grid point {_label(p)}: {e}") from e
+        for note in dict.fromkeys(notes):
+            warnings.warn(note, stacklevel=2)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / "sweep.partial.csv"
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(points, desc=f"sweep ({recipe.merge_method})", unit="point", disable=not progress)
+        for p in bar:
+            merger.apply(point_overrides(recipe, p))
+            metrics = dict(evaluate(merger.model, merger.processor))
+            if metric not in metrics:
+                raise SweepError(f"metric {metric!r} is not among the evaluation's metrics: {', '.join(metrics)}")
+            rows.append({**p, **{k: v for k, v in metrics.items() if k not in p}})
+            write_csv(rows, partial)  # progress survives a crash, under a name that says it is partial
+            bar.set_postfix({metric: f"{metrics[metric]:.4g}"})
+    finally:
+        merger.close()
+    write_csv(rows, outputs[0])
+    plot_sweep(rows, list(grid), metric, outputs[1], title=f"{recipe.merge_method} sweep")
+    partial.unlink(missing_ok=True)
+    if save_best is not None:
+        from ..merge import build
+
+        best = max(rows, key=lambda r: _score(r, metric))
+        best_recipe = merger.recipe_for(point_overrides(recipe, {k: best[k] for k in grid}))
+        build(best_recipe, save_best, force=force, seed=merger.seed, dtype=dtype, progress=progress)
+    return rows
+
+
+def pref_evaluator(records: Sequence[Any], *, tol: float = 0.0, mode: str = "vlrm") -> Evaluate:
+    """An ``evaluate`` callback: preference accuracy of the in-memory model on ``records``
+    (overall, macro, per category, tie_rate, n) with ``VLRewardScorer(model, processor, mode=mode)``."""
+    from ..reward.scorer import VLRewardScorer
+    from .prefs import evaluate_prefs
+
+    def evaluate(model: Any, processor: Any) -> dict[str, float]:
+        res = evaluate_prefs(VLRewardScorer(model, processor, mode=mode), records, tol=tol, progress=False)  # type: ignore[arg-type]
+        return {**res.accuracy_by_category(), "tie_rate": res.metrics["tie_rate"], "n": res.metrics["n"]}
+
+    return evaluate
+
+
+def sweep_prefs(
+    recipe: Recipe | str | Path,
+    grid: Mapping[str, Sequence[float]] | Sequence[str],
+    records: Sequence[Any],
+    *,
+    out_dir: str | Path,
+    metric: str = "overall",
+    save_best: str | Path | None = None,
+    seed: int | None = None,
+    tol: float = 0.0,
+    progress: bool = True,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """``run_sweep`` scored by preference accuracy on already-loaded records (``load_pref_records``)."""
+    return run_sweep(recipe, grid, pref_evaluator(records, tol=tol), out_dir=out_dir, metric=metric,
+                     save_best=save_best, seed=seed, progress=progress, force=force)

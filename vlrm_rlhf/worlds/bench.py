@@ -1,0 +1,58 @@
+"""Write ShapesWorld's held-out benchmarks to disk in the formats real benchmarks use.
+
+Preference pairs go out in VL-RewardBench's format (``id, query, image, response[2], human_ranking`` plus an
+explicit ``category``), so ``vlrm_rlhf.eval`` reads them exactly as it reads the real benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from .shapes import Pair, Split, World
+
+
+def pair_records(world: World, split: Split, pairs: list[Pair], image_dir: str, seed: int) -> list[dict]:
+    """VL-RewardBench records; the chosen response's position is random (``human_ranking`` says which)."""
+    rng = random.Random(f"order:{split.name}:{seed}")
+    out = []
+    for n, p in enumerate(pairs):
+        first = rng.random() < 0.5
+        scene = split.scenes[p.scene_index]
+        out.append({
+            "id": f"shapes_{split.name}_{p.category}_{n:05d}",
+            "query": p.question,
+            "image": f"{image_dir}/{split.name}_{p.scene_index:05d}.png",
+            "response": [p.chosen, p.rejected] if first else [p.rejected, p.chosen],
+            "human_ranking": [0, 1] if first else [1, 0],
+            "category": p.category,
+            "kind": p.kind,
+            "description": scene.description,
+            "unseen_combo": bool(scene.combos & world.unseen),
+        })
+    return out
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Write rows as jsonl atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def write_benchmark(world: World, out: Path, per_category: dict[str, int], seed: int) -> dict[str, Path]:
+    """Write ``{split}.jsonl`` for each split in ``per_category`` (val, test, test_unseen) plus their images."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    for name, n in per_category.items():
+        split: Split = getattr(world, name)
+        pairs = world.pairs(split, n, seed)
+        for i in sorted({p.scene_index for p in pairs}):
+            split.image(i).save(tmp / "images" / f"{name}_{i:05d}.png")
+        write_jsonl(pair_records(world, split, pairs, "images", seed), tmp / f"{name}.jsonl")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {name: out / f"{name}.jsonl" for name in per_category}
