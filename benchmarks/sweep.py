@@ -55,7 +55,8 @@ def build_inputs(work: Path, hidden: int, layers: int, method: str) -> tuple[Pat
     """The trio (rebuilt only when its shape changed) and a quick recipe over it."""
     marker, want = work / "trio.json", {"hidden": hidden, "layers": layers, "format": 1}
     dirs = {r: work / "trio" / r for r in ("base", "lvlm", "rm", "llm")}
-    if not (marker.is_file() and json.loads(marker.read_text()) == want):
+    have = all((d / "config.json").is_file() for d in dirs.values())
+    if not (have and marker.is_file() and json.loads(marker.read_text()) == want):
         shutil.rmtree(work / "trio", ignore_errors=True)
         t0 = time.perf_counter()
         dirs = zoo.build_trio("llava", work / "trio", hidden_size=hidden, num_layers=layers)
@@ -88,10 +89,11 @@ def weight_files(dirs) -> list[Path]:
 
 
 def evict(files: list[Path]) -> None:
-    """Drop these files' clean pages from the page cache (ours only; pages mapped by a process stay)."""
+    """Drop these files' pages from the page cache (ours only; pages mapped by a process stay)."""
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a freshly built trio) cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -61,13 +61,15 @@ def demo(
     work_dir: Path = typer.Option(Path("runs/demo"), "--work-dir", help="Where models, benchmark and report go."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the training runs and the merges."),
     quick: bool = typer.Option(False, "--quick", help="Tiny models and few steps (under a minute; for CI)."),
+    with_reasoning: bool = typer.Option(False, "--with-reasoning",
+                                        help="Also merge a text reasoning LLM into the LVLM and run the layer analyses."),
 ) -> None:
     """ShapesWorld end to end: train base/LVLM/text RM, merge, evaluate, sweep λ, best-of-n, PPO, report."""
     from .demo.run import run_demo
 
     warnings.showwarning = _show_warning
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    rep = run_demo(work_dir, seed=seed, quick=quick)
+    rep = run_demo(work_dir, seed=seed, quick=quick, with_reasoning=with_reasoning)
     acc, best = rep["accuracy"], rep["best_merge"]
     typer.echo(f"best merge {best}: {100 * acc[best]['overall']:.1f}% overall on held-out pairs; text RM "
                f"{100 * acc['text_rm']['overall']:.1f}%, LVLM judge {100 * acc['lvlm_judge']['overall']:.1f}%, "

@@ -103,6 +103,29 @@ def grid_findings(rep: Mapping[str, Any]) -> str:
     )
 
 
+def reasoning_section(r: Mapping[str, Any]) -> list[str]:
+    """Markdown for the ``--with-reasoning`` stage: accuracy table, main finding, links to the plots."""
+    lines = ["## Reasoning transfer: merging a text LLM into the LVLM", "",
+             f"Multiple choice by log-likelihood over test images ({r['n_tasks']['perception']} perception and "
+             f"{r['n_tasks']['reasoning']} reasoning questions; reasoning questions were never shown to the LVLM).",
+             "", "| model | perception | reasoning |", "|---|---|---|"]
+    for name, a in r["accuracy"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}" if k in a else "–"
+                                               for k in ("perception", "reasoning")) + " |")
+    lines += ["", "Layer ablation (each layer's weights replaced by the base's; accuracy drop in points):", "",
+              "| model | task | most important layer (drop) | mean drop, first half | mean drop, second half |",
+              "|---|---|---|---|---|"]
+    for model, kinds in r["finding"].items():
+        for kind, f in kinds.items():
+            lines.append(f"| {model} | {kind} | {f['worst_layer']} ({100 * f['worst_drop']:+.1f}) | "
+                         f"{100 * f['early_mean_drop']:+.1f} | {100 * f['late_mean_drop']:+.1f} |")
+    lines += ["", "Plots: `reasoning/params/*.png` (task-vector norms and cosines per layer and module), "
+              "`reasoning/ablate_*/*.png` (ablation heatmaps), `reasoning/swap/swap.png` (layer-swap curve).",
+              "", "![ablation, merged, reasoning](reasoning/ablate_merged_ta/ablate_reasoning_accuracy_drop.png)",
+              "![swap](reasoning/swap/swap.png)", ""]
+    return lines
+
+
 def write_markdown(rep: Mapping[str, Any], order: Sequence[str], path: Path) -> None:
     """``report.md``: what ran, the tables, the plots, and what the numbers say."""
     acc, best = rep["accuracy"], rep["best_merge"]
@@ -160,6 +183,7 @@ def write_markdown(rep: Mapping[str, Any], order: Sequence[str], path: Path) -> 
         "",
         "![reward curve](reward_curve.png)",
         "",
+        *(reasoning_section(rep["reasoning"]) if "reasoning" in rep else []),
         "## Timings (s)",
         "",
         "| " + " | ".join(rep["timings"]) + " |",

@@ -32,11 +32,14 @@ class DemoSettings:
     ppo_updates: int = 40
     ppo_batch: int = 16
     ppo_eval: int = 150
+    llm_steps: int = 600
+    reasoning_tasks_per_kind: int = 150
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(val_per_cat=8, test_per_cat=10, unseen_per_cat=6, grid_lvlm=(0.0, 1.0), grid_rm=(0.5, 1.0),
-                   bon_questions=6, bon_n=4, ppo_updates=2, ppo_batch=4, ppo_eval=8)
+                   bon_questions=6, bon_n=4, ppo_updates=2, ppo_batch=4, ppo_eval=8, llm_steps=20,
+                   reasoning_tasks_per_kind=6)
 
 
 class _Clock:
@@ -62,7 +65,7 @@ class _Clock:
         return _S()
 
 
-def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False,
+def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, with_reasoning: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """Run every stage and write the report; returns ``report.json``'s content."""
     from ..eval.records import load_pref_records
@@ -132,6 +135,14 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
         ppo = ppo_stage(world, dirs["lvlm"], merges[best], work, updates=st.ppo_updates, batch=st.ppo_batch,
                         seed=seed, eval_items=eval_questions(world, st.ppo_eval, seed + 1), progress=progress)
 
+    reasoning = None
+    if with_reasoning:
+        from .reasoning import reasoning_stage
+
+        with clock.stage("reasoning", "reasoning: training a text LLM, merging it into the LVLM, layer analyses"):
+            reasoning = reasoning_stage(world, dirs, work, seed=seed, quick=quick, steps=st.llm_steps,
+                                        n_per_kind=st.reasoning_tasks_per_kind, progress=progress)
+
     acc = res["test"]
     gain_rm = 100 * (acc[best]["overall"] - acc["text_rm"]["overall"])
     gain_judge = 100 * (acc[best]["overall"] - acc["lvlm_judge"]["overall"])
@@ -151,6 +162,8 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
         "training": trained["log"], "models_cached": trained["cached"], "timings": clock.t,
         "train_config": json.loads(cfg.key()),
     }
+    if reasoning is not None:
+        rep["reasoning"] = reasoning
     _check_finite(rep["accuracy"])
     plot_accuracy(acc, [n for n in order if n in acc], work / "accuracy.png",
                   f"ShapesWorld preference accuracy, test pairs (seed {seed})")
