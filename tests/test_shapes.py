@@ -84,6 +84,12 @@ def test_chat_template_renders_the_training_layouts():
     assert tok.convert_ids_to_tokens(tok(cascade)["input_ids"])[1:7] == ["<ctx>", "red", "circle", "none", "none",
                                                                          "</ctx>"]
     assert tok.unk_token_id not in tok(cascade)["input_ids"]
+    # a text RM renders blocks as lines of one string (scorer modes text_rm / cascade): same layout
+    from vlrm_rlhf.reward.scorer import render
+
+    plain = render(tok, messages(q, a, description=d), plain_text=True)
+    assert tok(plain)["input_ids"] == tok(text_seq(q, a, d))["input_ids"]
+    assert tok(render(tok, messages(q, a), plain_text=True))["input_ids"] == tok(text_seq(q, a))["input_ids"]
 
 
 def test_benchmark_files_read_by_the_harness(tmp_path: Path):
@@ -107,7 +113,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlrm_rlhf.cli import app
 
     work = tmp_path_factory.mktemp("demo")
-    res = CliRunner().invoke(app, ["demo", "--quick", "--work-dir", str(work), "--seed", "1"])
+    res = CliRunner().invoke(app, ["demo", "--quick", "--with-reasoning", "--work-dir", str(work), "--seed", "1"])
     assert res.exit_code == 0, res.output
     return work
 
@@ -136,6 +142,10 @@ def test_quick_demo_writes_a_finite_report(quick_demo: Path):
     for f in ("report.md", "accuracy.png", "sweep.png", "reward_curve.png", "sweep/sweep.csv"):
         assert (quick_demo / f).stat().st_size > 0, f
     assert "Best merge (chosen on validation)" in (quick_demo / "report.md").read_text()
+    r = rep["reasoning"]
+    assert {"lvlm", "llm (text, gold description)"} <= set(r["accuracy"]) and r["finding"]["merged_ta"]
+    for sub in ("params/params.csv", "ablate_lvlm/ablate.csv", "ablate_merged_ta/ablate.csv", "swap/swap.png"):
+        assert (quick_demo / "reasoning" / sub).stat().st_size > 0, sub
 
 
 def test_quick_demo_rerun_reuses_the_trained_models(quick_demo: Path):

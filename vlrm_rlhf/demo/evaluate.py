@@ -1,7 +1,9 @@
 """The demo's scorers and their preference accuracy on the ShapesWorld benchmark splits.
 
 Baselines: the text RM given the question only (``text_rm``), the text RM given the gold description (an
-oracle upper bound, ``text_rm_oracle``), the LVLM as a likelihood judge (``lvlm_judge``), and the cascade
+oracle upper bound, ``text_rm_oracle``), the LVLM as a likelihood judge (``lvlm_judge``: the sum of the response's
+token log-probabilities; the mean ranks pairs identically, since both answers of a pair have the same length by
+construction), and the cascade
 (LVLM caption → text RM). Every merge is scored with the image, and the best merge also without it.
 """
 
@@ -69,7 +71,6 @@ def scorer_factories(dirs: dict[str, Path], merges: dict[str, Path], description
         "text_rm_oracle": lambda: OracleDescriptionScorer(VLRewardScorer.from_pretrained(dirs["rm"], mode="text_rm"),
                                                           descriptions),
         "lvlm_judge": lambda: LVLMJudge.from_pretrained(dirs["lvlm"], kind="loglik_sum"),
-        "lvlm_judge_mean": lambda: LVLMJudge.from_pretrained(dirs["lvlm"], kind="loglik_mean"),
         "cascade": lambda: VLRewardScorer.from_pretrained(dirs["rm"], mode="cascade", lvlm=dirs["lvlm"]),
     }
     for name, d in merges.items():

@@ -31,7 +31,7 @@ METHOD_PARAMS: dict[str, tuple[dict, dict, dict]] = {
 def method_recipe(method: str, dirs: dict[str, Path], seed: int) -> dict[str, Any]:
     """A VLRM recipe for ``method`` over the demo's base, LVLM and text RM directories."""
     top, lv, rm = METHOD_PARAMS[method]
-    lvlm, rmd, base = str(dirs["lvlm"]), str(dirs["rm"]), str(dirs["base"])
+    lvlm, rmd, base = (str(Path(dirs[k]).resolve()) for k in ("lvlm", "rm", "base"))
     r: dict[str, Any] = {"name": f"shapes-{method}", "merge_method": method, "output": "vlrm", "dtype": "float32",
                          "seed": seed}
     if method == "slerp":  # from the LVLM's LM (t=0) to the RM's (t=1): SLERP takes exactly two models

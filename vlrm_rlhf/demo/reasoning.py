@@ -17,6 +17,8 @@ KINDS = ("perception", "reasoning")
 
 def reasoning_recipes(dirs: dict[str, Path], n_layers: int, seed: int) -> dict[str, dict]:
     """Merged-LVLM recipes: plain task arithmetic, a linear λ_LLM ramp over depth, and TA with a layer swap."""
+    dirs = {k: Path(v).resolve() for k, v in dirs.items()}
+
     def recipe(name: str, llm_weight: Any, **extra: Any) -> dict:
         return {"name": name, "merge_method": "task_arithmetic", "output": "lvlm", "dtype": "float32", "seed": seed,
                 "base_model": str(dirs["base"]), **extra,

@@ -89,7 +89,7 @@ def ppo_stage(world: World, lvlm_dir: Path, vlrm_dir: Path, out: Path, *, update
     args = VLPPOConfig(
         output_dir=str(out / "ppo"), per_device_train_batch_size=batch // 2, gradient_accumulation_steps=2,
         num_mini_batches=2, num_ppo_epochs=2, total_episodes=updates * batch, response_length=10, stop_token="eos",
-        temperature=1.0, kl_coef=0.05, learning_rate=3e-4, lr_scheduler_type="constant",
+        temperature=1.0, kl_coef=0.1, learning_rate=2e-5, lr_scheduler_type="constant",
         local_rollout_forward_batch_size=batch, value_model_path=str(vlrm_dir), use_cpu=True, logging_steps=1,
         report_to="none", save_strategy="no", seed=seed, disable_tqdm=not progress)
     curve: list[dict[str, float]] = []

@@ -46,7 +46,8 @@ class ScorerError(ValueError):
 def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
     """Chat-template text of a conversation, with a fixed date so rewards never depend on the day."""
     if plain_text:
-        messages = [{"role": m["role"], "content": " ".join(b["text"] for b in m["content"] if b.get("type") == "text")}
+        # one string per message (text RM templates often accept nothing else); blocks become lines
+        messages = [{"role": m["role"], "content": "\n".join(b["text"] for b in m["content"] if b.get("type") == "text")}
                     for m in messages]
     if getattr(owner, "chat_template", None) is None and getattr(getattr(owner, "tokenizer", None), "chat_template", None) is None:
         return "\n".join(f"{m['role']}: {m['content'] if isinstance(m['content'], str) else ' '.join(b.get('text', '') for b in m['content'])}" for m in messages)
@@ -127,6 +128,7 @@ class VLRewardScorer:
         self.max_batch_tokens = max_batch_tokens
         self._prefix = PrefixScorer(self) if mode == "vlrm" else None
         self._captions: dict[int, str] = {}
+        self._image_extra: dict[tuple, int] = {}
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -258,10 +260,24 @@ class VLRewardScorer:
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 if torch.is_tensor(v) else v for k, v in dict(enc).items()}
 
+    def _length(self, text: str, images: list) -> int:
+        """Token count of a rendered sample. With images, the processor's expansion is measured once per image
+        signature (count, sizes, modes) and added to the text's token count: image preprocessing, the costly
+        part, then runs once per batch instead of once more per sample."""
+        n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not images:
+            return n_text
+        key = tuple((getattr(im, "size", None), getattr(im, "mode", None)) for im in images)
+        if key not in self._image_extra:
+            self._image_extra[key] = int(self.encode([text], [images])["input_ids"].shape[1]) - n_text
+        return n_text + self._image_extra[key]
+
     def _text_and_length(self, s: Sample, i: int) -> tuple[str, int]:
         """Rendered text and token count of a sample, after truncating its prompt to ``max_length``."""
         text = self._render(s, i)
-        n = int(self.encode([text], [s.images])["input_ids"].shape[1])
+        n = self._length(text, s.images)
+        if self.max_length is not None and n > self.max_length:
+            n = int(self.encode([text], [s.images])["input_ids"].shape[1])  # exact, where it matters
         if self.max_length is not None and n > self.max_length:
             self._truncate(s, n - self.max_length, i)
             text = self._render(s, i)

@@ -9,7 +9,8 @@ Layouts (one token per word; ``<ctx>`` holds either a four-word description or f
 
 The chat template renders messages to exactly these strings, so every generic tool in the package (scorer,
 judge, cascade, TRL trainers) sees what the models were trained on. A text block starting with
-``Image description: `` (what the cascade scorer writes) becomes a ``<ctx>`` description.
+``Image description: `` (what the cascade scorer writes), or a string message whose first line does (a text RM's
+rendering, which joins blocks into lines), becomes a ``<ctx>`` description.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}"
-    "{%- if m['content'] is string %} <q> {{ m['content'] }} </q>"
+    "{%- if m['content'] is string -%}"
+    "{%- if m['content'].startswith('" + DESCRIPTION_PREFIX + "') and '\n' in m['content'] -%}"
+    "{%- set parts = m['content'][19:].split('\n', 1) %} <ctx> {{ parts[0] }} </ctx> <q> {{ parts[1] }} </q>"
+    "{%- else %} <q> {{ m['content'] }} </q>{%- endif -%}"
     "{%- else -%}{%- for b in m['content'] -%}"
     "{%- if b['type'] == 'image' %} <ctx> <image> </ctx>"
     "{%- elif b['text'].startswith('" + DESCRIPTION_PREFIX + "') %} <ctx> {{ b['text'][19:] }} </ctx>"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .shapes import World, answer, make_pair
+from .shapes import WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
 
 DESCRIBE_Q = "describe the image ."
@@ -337,7 +337,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     """
     work.mkdir(parents=True, exist_ok=True)
     dirs = {k: work / k for k in ("base", "lvlm", "rm")}
-    stamp = json.dumps({"seed": seed, "config": json.loads(cfg.key())}, sort_keys=True)
+    stamp = json.dumps({"seed": seed, "config": json.loads(cfg.key()), "world": WORLD_VERSION}, sort_keys=True)
     log = {k: _cached(d, stamp) for k, d in dirs.items()}
     if all(v is not None for v in log.values()):
         return {"dirs": dirs, "log": log, "cached": True}
