@@ -73,7 +73,7 @@ def sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = "| λ_LVLM \\ λ_RM | " + " | ".join(f"{v:g}" for v in rm) + " |\n|---|" + "---|" * len(rm) + "\n"
     lines = []
     for a in lv:
-        vals = [f"{100 * cell[(a, b)]['overall']:.1f} / {100 * cell[(a, b)]['test_overall']:.1f}" for b in rm]
+        vals = [f"{100 * cell[(a, b)]['val_overall']:.1f} / {100 * cell[(a, b)]['test_overall']:.1f}" for b in rm]
         lines.append(f"| **{a:g}** | " + " | ".join(vals) + " |")
     return head + "\n".join(lines) + "\n"
 

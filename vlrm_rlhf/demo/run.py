@@ -110,14 +110,14 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
 
             sc = VLRewardScorer(model, processor, mode="vlrm")
             v, t = ev.accuracy(sc, val), ev.accuracy(sc, test)
-            return {**v, **{f"test_{k}": x for k, x in t.items()}}
+            return {**{f"val_{k}": x for k, x in v.items()}, **{f"test_{k}": x for k, x in t.items()}}
 
         grid = {"lvlm.weight": list(st.grid_lvlm), "rm.weight": list(st.grid_rm)}
         swept = work / "merges" / "task_arithmetic_swept"
-        sweep_rows = run_sweep(recipes["task_arithmetic"], grid, evaluate, out_dir=work / "sweep", metric="overall",
+        sweep_rows = run_sweep(recipes["task_arithmetic"], grid, evaluate, out_dir=work / "sweep", metric="val_overall",
                                save_best=swept, seed=seed, progress=progress, force=True)
         merges["task_arithmetic_swept"] = swept
-        sweep_best = max(sweep_rows, key=lambda r: r["overall"])
+        sweep_best = max(sweep_rows, key=lambda r: r["val_overall"])
 
     with clock.stage("evaluate", "evaluating baselines and merges on validation, test and unseen-combination pairs"):
         res = ev.evaluate_all(ev.scorer_factories(dirs, merges, descriptions), splits, progress=progress)
