@@ -1,4 +1,4 @@
-"""Command line: ``vlrm-rlhf merge|families|demo|rerank|score``."""
+"""Command line: ``vlrm-rlhf merge|families|demo|rerank|score|eval|sweep|analyze``."""
 
 from __future__ import annotations
 
