@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from .atomic import write_jsonl_atomic
 from .reward.inputs import InputError, load_image, make_sample
 
 log = logging.getLogger(__name__)
@@ -305,49 +304,6 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise RecordError(f"{path} has no rows")
     return rows
-
-
-def check_writable(out: str | Path, force: bool) -> Path:
-    """Fail early (before any scoring) if ``out`` exists and may not be replaced, or its folder is missing."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"output file {out} already exists (use --force to replace it)")
-    if out.is_dir():
-        raise FileExistsError(f"output path {out} is a directory")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    return out
-
-
-def write_jsonl_atomic(rows: Iterable[Mapping[str, Any]], out: str | Path, *, force: bool = False) -> Path:
-    """Write rows as JSONL to a temporary file beside ``out``, then move it into place in one step.
-
-    A reader never sees a half-written file, and a crash leaves any previous file intact. Without ``force`` an
-    existing ``out`` is never replaced (checked again at the final link, so a file created meanwhile survives).
-    """
-    out = check_writable(out, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)  # fails if out appeared meanwhile: never clobber without --force
-            except FileExistsError:
-                raise FileExistsError(f"output file {out} already exists (use --force to replace it)") from None
-            except OSError:  # filesystems without hard links
-                if out.exists():
-                    raise FileExistsError(f"output file {out} already exists (use --force to replace it)") from None
-                os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 def find_row_image(rec: Mapping[str, Any], where: str, base_dir: Path, images_dir: Path | None,

@@ -140,13 +140,14 @@ def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_
     import time
 
     from . import bon
+    from .atomic import check_writable, write_jsonl_atomic
     from .bon import RecordError
 
     warnings.showwarning = _show_warning
     _check_mode(mode, lvlm)
     try:
         if out is not None:
-            bon.check_writable(out, force)
+            check_writable(out, force)
         if images_dir is not None and not images_dir.is_dir():
             raise RecordError(f"--images-dir {images_dir} is not a folder")
         lines = bon.read_jsonl(input)
@@ -170,7 +171,7 @@ def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_
         it = iter(scores)  # rerank_records asks for the rows' scores in order: hand over the precomputed ones
         rows, metrics = bon.rerank_records(records, lambda rec, resp: next(it), n=n)
         if out is not None:
-            bon.write_jsonl_atomic(rows, out, force=force)
+            write_jsonl_atomic(rows, out, force=force)
     except (RecordError, OSError) as e:
         _fail(str(e))
     return metrics, time.perf_counter() - t0
@@ -188,12 +189,13 @@ def score(
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
     from . import bon
+    from .atomic import check_writable, write_jsonl_atomic
     from .bon import RecordError
 
     warnings.showwarning = _show_warning
     _check_mode(mode, lvlm)
     try:
-        bon.check_writable(out, force)
+        check_writable(out, force)
         lines = bon.read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
@@ -204,7 +206,7 @@ def score(
     scorer = _load_scorer(model, mode, lvlm)
     try:
         rewards = bon.score_records(scorer, records, paths, batch_size=batch_size, names=names)
-        bon.write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
+        write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
     except (RecordError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out} ({len(rewards)} rows, mean reward {sum(rewards) / len(rewards):+.4f})")

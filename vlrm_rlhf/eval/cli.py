@@ -26,7 +26,7 @@ def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[P
     if out.suffix in suffixes:
         main._fail(f"--out is the JSON results file; {out.suffix} files are written next to it")
     paths = [out, *(out.with_suffix(s) for s in suffixes)]
-    from ..bon import check_writable
+    from ..atomic import check_writable
 
     for p in paths:
         try:
@@ -58,7 +58,7 @@ def prefs(
     import time
 
     from .. import cli as main
-    from ..bon import write_jsonl_atomic
+    from ..atomic import write_jsonl_atomic
     from ..reward.inputs import InputError
     from .prefs import evaluate_prefs
     from .records import PrefDataError, load_pref_data

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from ..bon import check_writable
+from ..atomic import write_json_atomic, write_text_atomic
 from .records import CATEGORY_ORDER
 
 __all__ = ["bon_markdown_table", "markdown_table", "write_json_atomic", "write_text_atomic"]
-
-
-def write_text_atomic(text: str, path: str | Path, force: bool = False) -> Path:
-    """Write ``text`` to a temporary sibling, then move it into place; never replace a file without ``force``."""
-    path = check_writable(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the file appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(f"output file {path} already exists (use --force to replace it)") from None
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise FileExistsError(f"output file {path} already exists (use --force to replace it)") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json_atomic(obj: Any, path: str | Path, force: bool = False) -> Path:
-    """Write ``obj`` as indented JSON (NaN/Inf refused) atomically; see ``write_text_atomic``."""
-    return write_text_atomic(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n", path, force)
 
 
 def _pct(x: Any) -> str:

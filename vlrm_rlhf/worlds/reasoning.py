@@ -86,7 +86,7 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
     so it keeps its language; answers in the preferred style. Saved as a ``LlamaForCausalLM`` directory."""
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-    from .train import _encode, _lm_loss, _save_atomic
+    from .train import _encode, _lm_loss, _save_atomic, _step
 
     tok = build_tokenizer()
     torch.manual_seed(seed + 3)
@@ -107,12 +107,7 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
         enc = _encode(tok, texts)
         ids = enc["input_ids"]
         after = ((ids == a_id).int().cumsum(1) > 0) & (ids != a_id) & (enc["attention_mask"] == 1)
-        loss = _lm_loss(model(**enc).logits, ids.masked_fill(~after, -100))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_step(_lm_loss(model(**enc).logits, ids.masked_fill(~after, -100)), opt, sched))
 
     def save(d: Path) -> None:
         model.eval().save_pretrained(d)

@@ -115,6 +115,15 @@ def _cosine(opt, steps: int, warmup: int = 0):
     return get_cosine_schedule_with_warmup(opt, warmup or max(1, steps // 20), steps)
 
 
+def _step(loss: torch.Tensor, opt, sched) -> float:
+    """One optimizer step on ``loss``; returns its value."""
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _save_atomic(save: Callable[[Path], None], out: Path) -> None:
     """Write a model directory into a hidden sibling, then rename it into place (never half-written)."""
     tmp = out.parent / f".{out.name}.partial"
@@ -156,12 +165,7 @@ def train_base(world: World, cfg: TrainConfig, out: Path, seed: int, progress: b
                 texts.append(_qa_text(rng, world, i, qa, image=False))
         enc = _encode(tok, texts)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = _lm_loss(model(**enc).logits, labels)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_step(_lm_loss(model(**enc).logits, labels), opt, sched))
 
     def save(d: Path) -> None:
         model.eval().save_pretrained(d)
@@ -238,11 +242,7 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
             lm = _lm_loss(logits, _answer_labels(tok, enc["input_ids"]))
             target = emb[slot_ids[idx]]
             align = ((feats - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean()
-            loss = lm + cfg.align_weight * align
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            _step(lm + cfg.align_weight * align, opt, sched)
             losses.append((lm.item(), align.item()))
             bar.update()
         tail = losses[-20:]
@@ -295,12 +295,7 @@ def train_rm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: in
         enc = _encode(tok, c + r)
         s = model(**enc).logits[:, 0]
         margin = s[: len(c)] - s[len(c):]
-        loss = -F.logsigmoid(margin).mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_step(-F.logsigmoid(margin).mean(), opt, sched))
         accs.append((margin > 0).float().mean().item())
 
     def save(d: Path) -> None:
