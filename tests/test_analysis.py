@@ -166,6 +166,19 @@ def test_ablation_restores_weights_and_changes_the_scores(zoo, tmp_path, family)
     assert all(png_ok(f) for f in (tmp_path / "out").glob("*.png"))
 
 
+def test_ablation_of_a_text_llm(llava, tmp_path):
+    """A causal LM (the merge's `llm`) is analysed on text-only tasks; weights come back bit-identical."""
+    text_records = [{**r, "image": None} for r in RECORDS]
+    tasks = load_tasks(write_tasks(tmp_path, llava["lvlm"], text_records))
+    model, tok, ck = load_lvlm(llava["llm"])
+    assert not hasattr(model.config, "vision_config")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = TaskScorer(model, tok)
+    intact, rows = ablate(scorer, text_parameters(model, ck), tasks, mode="base", base=Checkpoint(llava["base"], "base"))
+    assert all(r.scores.loglik != intact.loglik for r in rows)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_ablation_errors(llava, tmp_path):
     vlrm = build({**reasoning(llava), "output": "vlrm", "models": [
         {"model": str(llava["lvlm"]), "role": "lvlm", "parameters": {"weight": 1.0}},

@@ -90,6 +90,10 @@ def test_chat_template_renders_the_training_layouts():
     plain = render(tok, messages(q, a, description=d), plain_text=True)
     assert tok(plain)["input_ids"] == tok(text_seq(q, a, d))["input_ids"]
     assert tok(render(tok, messages(q, a), plain_text=True))["input_ids"] == tok(text_seq(q, a))["input_ids"]
+    # one block holding description and question (text task files for the reasoning LLM)
+    one = [{"role": "user", "content": [{"type": "text", "text": f"Image description: {d}\n{q}"}]},
+           {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    assert tok(tok.apply_chat_template(one, tokenize=False))["input_ids"] == tok(text_seq(q, a, d))["input_ids"]
 
 
 def test_benchmark_files_read_by_the_harness(tmp_path: Path):
@@ -143,8 +147,10 @@ def test_quick_demo_writes_a_finite_report(quick_demo: Path):
         assert (quick_demo / f).stat().st_size > 0, f
     assert "Best merge (chosen on validation)" in (quick_demo / "report.md").read_text()
     r = rep["reasoning"]
-    assert {"lvlm", "llm (text, gold description)"} <= set(r["accuracy"]) and r["finding"]["merged_ta"]
-    for sub in ("params/params.csv", "ablate_lvlm/ablate.csv", "ablate_merged_ta/ablate.csv", "swap/swap.png"):
+    assert {"lvlm", "llm (text, gold description)"} <= set(r["accuracy"])
+    assert r["finding"]["merged_ta"] and r["finding"]["llm"]
+    for sub in ("params/params.csv", "ablate_lvlm/ablate.csv", "ablate_llm/ablate.csv", "ablate_merged_ta/ablate.csv",
+                "swap/swap.png", "tasks/tasks_text.jsonl"):
         assert (quick_demo / "reasoning" / sub).stat().st_size > 0, sub
 
 

@@ -29,23 +29,33 @@ _ZERO = {"attention": ("self_attn.o_proj.",), "mlp": ("mlp.down_proj.",), "layer
 
 
 def load_lvlm(path: str | Path, dtype: torch.dtype | None = None):
-    """(model, processor, checkpoint view) of an LVLM or merged-LVLM directory."""
+    """(model, processor, checkpoint view) of an LVLM or merged-LVLM directory, or of a text causal LM (then the
+    processor is its tokenizer and task records need no image)."""
     import transformers
 
     from ..merge.checkpoint import CheckpointError
     from ..reward.processing import load_processor
 
     cfg = Path(path) / "config.json"
-    archs = (json.loads(cfg.read_text()).get("architectures") or []) if cfg.is_file() else []
+    data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    archs = data.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         raise AnalysisError(f"{path} is a reward model ({archs[0]}); the task analyses need a generative LVLM "
-                            "(merge with `output: lvlm`)")
+                            "(merge with `output: lvlm`) or a causal LM")
+    kw = {"dtype": dtype} if dtype else {}
+    if cfg.is_file() and "vision_config" not in data and "text_config" not in data:  # a text LM
+        try:
+            ckpt = Checkpoint(path, "llm")
+        except CheckpointError as e:
+            raise AnalysisError(str(e)) from e
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+        return model, transformers.AutoTokenizer.from_pretrained(path), ckpt
     try:
         ckpt = Checkpoint(path, "lvlm")
     except CheckpointError as e:
         raise AnalysisError(str(e)) from e
     cls = getattr(transformers, ckpt.family.lvlm_class)
-    model = cls.from_pretrained(path, **({"dtype": dtype} if dtype else {})).eval()
+    model = cls.from_pretrained(path, **kw).eval()
     return model, load_processor(path), ckpt
 
 

@@ -1,8 +1,9 @@
 """``vlrm-rlhf demo --with-reasoning``: merge a text "reasoning LLM" into the LVLM and look at the layers.
 
-Trains the reasoning LLM (cached), writes perception / reasoning multiple-choice task files over test images,
-builds merged LVLMs (task arithmetic, a depth ramp, a layer swap), scores them, and runs the three analyses
-(``params``, ``ablate``, ``swap``) whose CSVs and heatmaps land in ``reasoning/``.
+Trains the reasoning LLM (cached), writes perception / reasoning multiple-choice task files over test images (and
+their text twins, the image replaced by its description, for the LLM), builds merged LVLMs (task arithmetic, a
+depth ramp, a layer swap), scores them, and runs the three analyses (``params``; ``ablate`` for the LVLM, the LLM
+and the merge; ``swap``) whose CSVs and heatmaps land in ``reasoning/``.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
         log = train_llm(world, dirs["base"], llm, seed, steps=steps, progress=progress)
         _mark(llm, stamp, log)
     dirs = {**dirs, "llm": llm}
-    task_path = write_tasks(world, out / "tasks", n_per_kind, seed)
-    tasks = load_tasks(task_path)
+    task_path, text_task_path = write_tasks(world, out / "tasks", n_per_kind, seed)
+    tasks, text_tasks = load_tasks(task_path), load_tasks(text_task_path)
     rows = [json.loads(x) for x in task_path.read_text().splitlines()]
     acc: dict[str, dict[str, float]] = {
         "llm (text, gold description)": text_choice_accuracy(llm, rows, context=True),
@@ -108,9 +109,9 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
     # functional view: every (layer, module group) replaced by the base's, for the LVLM and the merged model
     base_ck = Checkpoint(dirs["base"], "base")
     tables = {}
-    for name, d in (("lvlm", dirs["lvlm"]), ("merged_ta", merged["ta"])):
-        model, proc, ck = load_lvlm(d)
-        intact, arows = ablate(TaskScorer(model, proc), text_parameters(model, ck), tasks, mode="base", base=base_ck)
+    for name, d, ts in (("lvlm", dirs["lvlm"], tasks), ("llm", llm, text_tasks), ("merged_ta", merged["ta"], tasks)):
+        model, proc, ck = load_lvlm(d)  # the LLM answers the same questions from the gold description
+        intact, arows = ablate(TaskScorer(model, proc), text_parameters(model, ck), ts, mode="base", base=base_ck)
         tables[name] = ablation_table(intact, arows, "base")
         with analysis_dir(out / f"ablate_{name}", force=True) as d:
             write_ablation(d, tables[name], "base", name)

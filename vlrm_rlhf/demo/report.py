@@ -112,7 +112,8 @@ def reasoning_section(r: Mapping[str, Any]) -> list[str]:
     for name, a in r["accuracy"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}" if k in a else "–"
                                                for k in ("perception", "reasoning")) + " |")
-    lines += ["", "Layer ablation (each layer's weights replaced by the base's; accuracy drop in points):", "",
+    lines += ["", "Layer ablation (each layer's weights replaced by the base's; accuracy drop in points; the LLM answers "
+              "from the gold description):", "",
               "| model | task | most important layer (drop) | mean drop, first half | mean drop, second half |",
               "|---|---|---|---|---|"]
     for model, kinds in r["finding"].items():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .shapes import COLOURS, NUMBERS, QA, Scene, Split, World, answer, questions
-from .text import build_tokenizer, text_seq
+from .text import DESCRIPTION_PREFIX, build_tokenizer, text_seq
 
 PERCEPTION_KINDS = ("colour", "kind")
 REASONING_KINDS = ("where", "count_colour", "side_colour")
@@ -70,14 +70,19 @@ def task_records(world: World, split: Split, n_per_kind: int, seed: int, image_d
     return out
 
 
-def write_tasks(world: World, out: Path, n_per_kind: int, seed: int) -> Path:
-    """Write ``tasks.jsonl`` (+ images) for the test split; atomically (temp file, then rename)."""
+def write_tasks(world: World, out: Path, n_per_kind: int, seed: int) -> tuple[Path, Path]:
+    """Write ``tasks.jsonl`` (+ images) for the test split, and ``tasks_text.jsonl``: the same questions for a text
+    LM, the image replaced by its gold description. Each file is written atomically (temp file, then rename)."""
     rows = task_records(world, world.test, n_per_kind, seed, out / "images")
-    path = out / "tasks.jsonl"
-    tmp = out / ".tasks.jsonl.partial"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
+    text_rows = [{**r, "image": None, "question": f"{DESCRIPTION_PREFIX}{r['meta']['description']}\n{r['question']}"}
+                 for r in rows]
+    paths = []
+    for name, rs in (("tasks.jsonl", rows), ("tasks_text.jsonl", text_rows)):
+        tmp = out / f".{name}.partial"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rs))
+        tmp.replace(out / name)
+        paths.append(out / name)
+    return paths[0], paths[1]
 
 
 def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int = 600, batch: int = 64,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-WORLD_VERSION = 2  # bump when scenes, texts or the chat template change: trained models are cached by it
+WORLD_VERSION = 3  # bump when scenes, texts or the chat template change: trained models are cached by it
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
     "yellow": (230, 210, 40), "purple": (160, 60, 200), "white": (235, 235, 235),

@@ -10,7 +10,7 @@ Layouts (one token per word; ``<ctx>`` holds either a four-word description or f
 The chat template renders messages to exactly these strings, so every generic tool in the package (scorer,
 judge, cascade, TRL trainers) sees what the models were trained on. A text block starting with
 ``Image description: `` (what the cascade scorer writes), or a string message whose first line does (a text RM's
-rendering, which joins blocks into lines), becomes a ``<ctx>`` description.
+rendering, which joins blocks into lines), becomes a ``<ctx>`` description; text after its first line is the question.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ CHAT_TEMPLATE = (
     "{%- else %} <q> {{ m['content'] }} </q>{%- endif -%}"
     "{%- else -%}{%- for b in m['content'] -%}"
     "{%- if b['type'] == 'image' %} <ctx> <image> </ctx>"
-    "{%- elif b['text'].startswith('" + DESCRIPTION_PREFIX + "') %} <ctx> {{ b['text'][19:] }} </ctx>"
+    "{%- elif b['text'].startswith('" + DESCRIPTION_PREFIX + "') -%}"
+    "{%- set parts = (b['text'][19:] + '\n').split('\n', 1) %} <ctx> {{ parts[0] }} </ctx>"
+    "{%- if parts[1].strip() %} <q> {{ parts[1].strip() }} </q>{%- endif -%}"
     "{%- else %} <q> {{ b['text'] }} </q>{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- elif m['role'] == 'assistant' -%}"
