@@ -8,6 +8,7 @@ and the merge; ``swap``) whose CSVs and heatmaps land in ``reasoning/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
     from ..analysis.tasks import TaskScorer, load_tasks
     from ..merge import build, parse_recipe
     from ..merge.checkpoint import Checkpoint
-    from ..worlds.reasoning import text_choice_accuracy, train_llm, write_tasks
+    from ..worlds.reasoning import train_llm, write_tasks
     from ..worlds.train import _cached, _mark
 
     out = work / "reasoning"
@@ -86,21 +87,23 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
     dirs = {**dirs, "llm": llm}
     task_path, text_task_path = write_tasks(world, out / "tasks", n_per_kind, seed)
     tasks, text_tasks = load_tasks(task_path), load_tasks(text_task_path)
-    rows = [json.loads(x) for x in task_path.read_text().splitlines()]
+    question_only = [dataclasses.replace(t, image=None) for t in tasks]
+    models = {name: load_lvlm(d) for name, d in (("lvlm", dirs["lvlm"]), ("llm", llm), ("base", dirs["base"]))}
     acc: dict[str, dict[str, float]] = {
-        "llm (text, gold description)": text_choice_accuracy(llm, rows, context=True),
-        "llm (text, question only)": text_choice_accuracy(llm, rows, context=False),
-        "base (text, gold description)": text_choice_accuracy(dirs["base"], rows, context=True),
+        "llm (text, gold description)": _scores(*models["llm"][:2], text_tasks),
+        "llm (text, question only)": _scores(*models["llm"][:2], question_only),
+        "base (text, gold description)": _scores(*models.pop("base")[:2], text_tasks),
+        "lvlm": _scores(*models["lvlm"][:2], tasks),
     }
-    lv_model, lv_proc, _ = load_lvlm(dirs["lvlm"])
-    acc["lvlm"] = _scores(lv_model, lv_proc, tasks)
-    n_layers = lv_model.config.get_text_config().num_hidden_layers
+    n_layers = models["lvlm"][0].config.get_text_config().num_hidden_layers
     recipes = reasoning_recipes(dirs, n_layers, seed)
     merged: dict[str, Path] = {}
     for key, r in recipes.items():
         merged[key] = build(r, out / "merges" / key, force=True, progress=False)
-        m, p, _ = load_lvlm(merged[key])
+        m, p, ck = load_lvlm(merged[key])
         acc[f"merged: {r['name']}"] = _scores(m, p, tasks)
+        if key == "ta":
+            models["merged_ta"] = (m, p, ck)
 
     # parameter view: task vectors of LVLM and LLM per layer/module, and the merged model's
     rows_p, names = params_for_recipe(parse_recipe(recipes["ta"]), other_role="llm")
@@ -109,8 +112,8 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
     # functional view: every (layer, module group) replaced by the base's, for the LVLM and the merged model
     base_ck = Checkpoint(dirs["base"], "base")
     tables = {}
-    for name, d, ts in (("lvlm", dirs["lvlm"], tasks), ("llm", llm, text_tasks), ("merged_ta", merged["ta"], tasks)):
-        model, proc, ck = load_lvlm(d)  # the LLM answers the same questions from the gold description
+    for name, ts in (("lvlm", tasks), ("llm", text_tasks), ("merged_ta", tasks)):
+        model, proc, ck = models[name]  # the LLM answers the same questions from the gold description
         intact, arows = ablate(TaskScorer(model, proc), text_parameters(model, ck), ts, mode="base", base=base_ck)
         tables[name] = ablation_table(intact, arows, "base")
         with analysis_dir(out / f"ablate_{name}", force=True) as d:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
+
 CATS = ("hallucination", "general", "reasoning")
 
 
@@ -192,4 +194,4 @@ def write_markdown(rep: Mapping[str, Any], order: Sequence[str], path: Path) -> 
         "| " + " | ".join(f"{v:.0f}" for v in rep["timings"].values()) + " |",
         "",
     ]
-    path.write_text("\n".join(lines))
+    write_text_atomic("\n".join(lines), path, force=True)

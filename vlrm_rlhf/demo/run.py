@@ -8,9 +8,11 @@ LVLM's best-of-n answers with the best VLRM, runs a short PPO with the merged re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,26 +45,20 @@ class DemoSettings:
 
 
 class _Clock:
-    """Named stage timings, printed as they finish."""
+    """Named stage timings, printed as they start."""
 
     def __init__(self, progress: bool):
         self.t: dict[str, float] = {}
         self.progress = progress
         self._start = time.perf_counter()
 
-    def stage(self, name: str, msg: str):
-        clock = self
-
-        class _S:
-            def __enter__(self):
-                if clock.progress:
-                    print(f"[{time.perf_counter() - clock._start:6.1f}s] {msg} ...", flush=True)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.t[name] = round(time.perf_counter() - self.t0, 1)
-
-        return _S()
+    @contextlib.contextmanager
+    def stage(self, name: str, msg: str) -> Iterator[None]:
+        if self.progress:
+            print(f"[{time.perf_counter() - self._start:6.1f}s] {msg} ...", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.t[name] = round(time.perf_counter() - t0, 1)
 
 
 def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, with_reasoning: bool = False,
@@ -170,8 +166,8 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
     if ppo["curve"]:
         plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})")
     (work / "sweep.png").write_bytes((work / "sweep" / "sweep.png").read_bytes())
-    write_json_atomic(rep, work / "report.json", force=True)
     write_markdown(rep, [n for n in order if n in acc], work / "report.md")
+    write_json_atomic(rep, work / "report.json", force=True)  # last: its presence means the run completed
     if progress:
         print(f"[{clock.t['total']:6.1f}s] wrote {work / 'report.md'} and {work / 'report.json'}", flush=True)
     return rep

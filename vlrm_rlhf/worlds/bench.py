@@ -6,11 +6,11 @@ explicit ``category``), so ``vlrm_rlhf.eval`` reads them exactly as it reads the
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 
+from ..atomic import write_jsonl_atomic
+from ..merge.writer import atomic_output_dir
 from .shapes import Pair, Split, World
 
 
@@ -35,24 +35,14 @@ def pair_records(world: World, split: Split, pairs: list[Pair], image_dir: str, 
     return out
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Write rows as jsonl atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def write_benchmark(world: World, out: Path, per_category: dict[str, int], seed: int) -> dict[str, Path]:
     """Write ``{split}.jsonl`` for each split in ``per_category`` (val, test, test_unseen) plus their images."""
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    for name, n in per_category.items():
-        split: Split = getattr(world, name)
-        pairs = world.pairs(split, n, seed)
-        for i in sorted({p.scene_index for p in pairs}):
-            split.image(i).save(tmp / "images" / f"{name}_{i:05d}.png")
-        write_jsonl(pair_records(world, split, pairs, "images", seed), tmp / f"{name}.jsonl")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "images").mkdir()
+        for name, n in per_category.items():
+            split: Split = getattr(world, name)
+            pairs = world.pairs(split, n, seed)
+            for i in sorted({p.scene_index for p in pairs}):
+                split.image(i).save(tmp / "images" / f"{name}_{i:05d}.png")
+            write_jsonl_atomic(pair_records(world, split, pairs, "images", seed), tmp / f"{name}.jsonl")
     return {name: out / f"{name}.jsonl" for name in per_category}

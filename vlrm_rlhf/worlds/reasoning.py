@@ -8,15 +8,14 @@ got the skill from a merge: the setting of "Bring Reason to Vision" (arXiv 2505.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import write_jsonl_atomic
 from .shapes import COLOURS, NUMBERS, QA, Scene, Split, World, answer, questions
 from .text import DESCRIPTION_PREFIX, build_tokenizer, text_seq
 
@@ -76,13 +75,8 @@ def write_tasks(world: World, out: Path, n_per_kind: int, seed: int) -> tuple[Pa
     rows = task_records(world, world.test, n_per_kind, seed, out / "images")
     text_rows = [{**r, "image": None, "question": f"{DESCRIPTION_PREFIX}{r['meta']['description']}\n{r['question']}"}
                  for r in rows]
-    paths = []
-    for name, rs in (("tasks.jsonl", rows), ("tasks_text.jsonl", text_rows)):
-        tmp = out / f".{name}.partial"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rs))
-        tmp.replace(out / name)
-        paths.append(out / name)
-    return paths[0], paths[1]
+    return (write_jsonl_atomic(rows, out / "tasks.jsonl", force=True),
+            write_jsonl_atomic(text_rows, out / "tasks_text.jsonl", force=True))
 
 
 def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int = 600, batch: int = 64,
@@ -120,28 +114,3 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
 
     _save_atomic(save, out)
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-@torch.no_grad()
-def text_choice_accuracy(model_dir: Path, rows: list[dict], *, context: bool) -> dict[str, float]:
-    """Accuracy of a text LM choosing among ``choices`` by log-likelihood, given the gold description
-    (``context``) or the question alone; per task kind."""
-    from transformers import AutoModelForCausalLM
-
-    tok = build_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    hits: dict[str, list[float]] = {}
-    for r in rows:
-        texts = [text_seq(r["question"], c, r["meta"]["description"] if context else None) for c in r["choices"]]
-        enc = _enc_left(tok, texts)
-        logp = F.log_softmax(model(**enc).logits[:, :-1].float(), -1)
-        tgt = enc["input_ids"][:, 1:]
-        lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * enc["attention_mask"][:, 1:]
-        pick = int(lp.sum(1).argmax())
-        hits.setdefault(r["kind"], []).append(float(pick == r["answer"]))
-    return {k: sum(v) / len(v) for k, v in hits.items()}
-
-
-def _enc_left(tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

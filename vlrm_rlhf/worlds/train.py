@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .shapes import WORLD_VERSION, World, answer, make_pair
+from ..merge.writer import atomic_output_dir
+from .shapes import IMAGE_SIZE, WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
 
 DESCRIBE_Q = "describe the image ."
@@ -78,7 +78,6 @@ def llama_config(tok, cfg: TrainConfig, **extra):
 def llava_config(tok, cfg: TrainConfig):
     from transformers import CLIPVisionConfig, LlavaConfig
 
-    from ..worlds.shapes import IMAGE_SIZE
     from .text import PATCH
 
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
@@ -125,13 +124,9 @@ def _step(loss: torch.Tensor, opt, sched) -> float:
 
 
 def _save_atomic(save: Callable[[Path], None], out: Path) -> None:
-    """Write a model directory into a hidden sibling, then rename it into place (never half-written)."""
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """Write a model directory through the merge engine's atomic output folder (never half-written)."""
+    with atomic_output_dir(out, force=True) as tmp:
+        save(tmp)
 
 
 def _qa_text(rng: random.Random, world: World, i: int, qa, *, image: bool) -> str:
@@ -264,13 +259,13 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
 
 
 # ------------------------------------------------------------------------------------------------ text RM
-def rm_pair_texts(world: World, rng: random.Random, stream, n: int, *, context: bool = True) -> tuple[list, list]:
+def rm_pair_texts(world: World, rng: random.Random, stream, n: int) -> tuple[list, list]:
     """``n`` training pairs (chosen texts, rejected texts): half correctness pairs, half style pairs."""
     chosen, rejected = [], []
     for _ in range(n):
         i, qa = next(stream)
         p = make_pair(qa, rng, kind="style" if rng.random() < 0.5 else "correct")
-        desc = world.train.scenes[i].description if context else None
+        desc = world.train.scenes[i].description
         chosen.append(text_seq(p.question, p.chosen, desc))
         rejected.append(text_seq(p.question, p.rejected, desc))
     return chosen, rejected
