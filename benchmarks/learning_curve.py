@@ -18,7 +18,6 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/learning_curve.py [--updates 400] [--
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 import time
@@ -110,6 +109,7 @@ def main() -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
 
+    from vlrm_rlhf.files import write_csv_atomic
     from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
 
     torch.set_num_threads(1)
@@ -141,10 +141,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    with (a.out / "curve.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(rows, a.out / "curve.csv", force=True)
     first = sum(r["mean_reward"] for r in rows[:10]) / 10
     last = sum(r["mean_reward"] for r in rows[-10:]) / 10
     plot(rows, a.out / "curve.png", f"VLPPOTrainer, tiny LLaVA (hidden {a.hidden}): name the image's colour\n"

@@ -15,7 +15,6 @@ supported here (sampling needs the full policy on each rank); use DDP or ZeRO-2.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from vlrm_rlhf import data
+from vlrm_rlhf.files import write_jsonl_atomic
 
 
 @dataclass
@@ -95,7 +95,7 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
                                   f"(mean of all samples {stats['bon/mean_reward']:.4f})")
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        (out / "bon_rounds.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        write_jsonl_atomic(history, out / "bon_rounds.jsonl", force=True)
     trainer.end()
 
 

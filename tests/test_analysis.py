@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from vlrm_rlhf.analysis import AnalysisError
 from vlrm_rlhf.analysis.ablate import ablate, ablation_table, load_lvlm, text_parameters, write_ablation
-from vlrm_rlhf.analysis.outputs import analysis_dir, read_csv
+from vlrm_rlhf.analysis.outputs import analysis_dir
 from vlrm_rlhf.analysis.params import params_for_recipe, write_params
 from vlrm_rlhf.analysis.swap import LayerSwapper, swap_curve, write_swap
 from vlrm_rlhf.analysis.tasks import TaskError, TaskScorer, load_tasks
 from vlrm_rlhf.cli import app
+from vlrm_rlhf.files import read_csv
 from vlrm_rlhf.merge import build
 from vlrm_rlhf.merge.checkpoint import Checkpoint
 from vlrm_rlhf.testing.zoo import demo_image

@@ -13,7 +13,8 @@ import torch
 from _helpers import recipe
 from PIL import Image
 
-from vlrm_rlhf.bon import RecordError, bon_metrics, rerank_records, write_jsonl_atomic
+from vlrm_rlhf.bon import RecordError, bon_metrics, rerank_records
+from vlrm_rlhf.files import write_jsonl_atomic
 from vlrm_rlhf.merge import build
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "textvqa_val_bon8_first300.jsonl"

@@ -19,7 +19,8 @@ from vlrm_rlhf.eval.records import (
     load_pref_data,
     load_pref_records,
 )
-from vlrm_rlhf.eval.report import markdown_table, write_json_atomic
+from vlrm_rlhf.eval.report import markdown_table
+from vlrm_rlhf.files import write_json_atomic
 from vlrm_rlhf.reward.inputs import make_sample
 
 

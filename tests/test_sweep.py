@@ -21,9 +21,9 @@ from vlrm_rlhf.eval.sweep import (
     point_overrides,
     run_sweep,
 )
+from vlrm_rlhf.files import OutputExistsError
 from vlrm_rlhf.merge import MergeError, RecipeError, build, parse_recipe
 from vlrm_rlhf.merge.inmemory import InMemoryMerger, state_dict_names
-from vlrm_rlhf.merge.writer import OutputExistsError
 from vlrm_rlhf.testing.zoo import demo_image, write_quick_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import random
@@ -28,13 +27,12 @@ from typing import Any, Literal
 
 import torch
 
-from .atomic import write_jsonl_atomic
 from .reward.inputs import InputError, load_image, make_sample
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BestOfN", "RecordError", "best_of_n", "bon_metrics", "check_record", "find_row_image", "prompt_seed",
-           "read_jsonl", "rerank_records", "score_bon_rows", "score_records", "tied_indices", "write_jsonl_atomic"]
+           "rerank_records", "score_bon_rows", "score_records", "tied_indices"]
 
 TieBreak = Literal["first", "random"]
 
@@ -282,28 +280,6 @@ def rerank_records(
 # ------------------------------------------------------------------------------------------ files (CLI)
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 TEXT_MODES = ("text_rm", "no_image")  # modes that never look at the images
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a JSONL file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(f"input file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    if not rows:
-        raise RecordError(f"{path} has no rows")
-    return rows
 
 
 def find_row_image(rec: Mapping[str, Any], where: str, base_dir: Path, images_dir: Path | None,

@@ -32,11 +32,11 @@ def merge(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
 ) -> None:
     """Merge checkpoints into a VLRM (output: vlrm) or a merged LVLM (output: lvlm)."""
+    from .files import OutputExistsError
     from .merge import MergeError, RecipeError, build
     from .merge.checkpoint import CheckpointError
     from .merge.embeddings import VocabularyError
     from .merge.families import UnknownFamilyError
-    from .merge.writer import OutputExistsError
 
     warnings.showwarning = _show_warning
     try:
@@ -140,8 +140,8 @@ def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_
     import time
 
     from . import bon
-    from .atomic import check_writable, write_jsonl_atomic
     from .bon import RecordError
+    from .files import FileFormatError, check_writable, read_jsonl, write_jsonl_atomic
 
     warnings.showwarning = _show_warning
     _check_mode(mode, lvlm)
@@ -150,7 +150,7 @@ def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_
             check_writable(out, force)
         if images_dir is not None and not images_dir.is_dir():
             raise RecordError(f"--images-dir {images_dir} is not a folder")
-        lines = bon.read_jsonl(input)
+        lines = read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" + (f" (id {r['id']})" if "id" in r else "") for ln, r in lines]
         paths = []
@@ -162,7 +162,7 @@ def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_
                                   f"(files named {{{image_key}}}.jpg|.png) or an 'image' path in each row, "
                                   "or score text only with --mode text_rm|no_image")
             paths.append(path)
-    except (RecordError, OSError) as e:
+    except (RecordError, FileFormatError, OSError) as e:
         _fail(str(e))
     scorer = _load_scorer(model, mode, lvlm)
     t0 = time.perf_counter()
@@ -189,19 +189,19 @@ def score(
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
     from . import bon
-    from .atomic import check_writable, write_jsonl_atomic
     from .bon import RecordError
+    from .files import FileFormatError, check_writable, read_jsonl, write_jsonl_atomic
 
     warnings.showwarning = _show_warning
     _check_mode(mode, lvlm)
     try:
         check_writable(out, force)
-        lines = bon.read_jsonl(input)
+        lines = read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
         paths = [[] if mode in bon.TEXT_MODES else bon.row_image_paths(r, nm, input.parent)
                  for nm, r in zip(names, records, strict=True)]
-    except (RecordError, OSError) as e:
+    except (RecordError, FileFormatError, OSError) as e:
         _fail(str(e))
     scorer = _load_scorer(model, mode, lvlm)
     try:
@@ -231,11 +231,11 @@ def sweep(
     """Merge every grid point in memory, score preference accuracy on --data, write a CSV and a plot."""
     from .eval.records import load_pref_records
     from .eval.sweep import SweepError, check_grid, parse_grid, sweep_prefs
+    from .files import OutputExistsError
     from .merge import MergeError, RecipeError, parse_recipe
     from .merge.checkpoint import CheckpointError
     from .merge.embeddings import VocabularyError
     from .merge.families import UnknownFamilyError
-    from .merge.writer import OutputExistsError
     from .reward.inputs import InputError
     from .reward.scorer import ScorerError
 

@@ -184,10 +184,10 @@ def ablation_table(intact: TaskScores, rows: Sequence[AblationRow], mode: str) -
 
 def write_ablation(out: Path, table: Sequence[dict], mode: str, model_name: str) -> list[Path]:
     """``ablate.csv`` and one heatmap PNG per (task kind, metric) drop: layers × module groups."""
-    from .outputs import write_csv
+    from ..files import write_csv_atomic
     from .plots import table_heatmap
 
-    files = [write_csv(out / "ablate.csv", table)]
+    files = [write_csv_atomic(table, out / "ablate.csv")]
     what = "weights replaced by the base's" if mode == "base" else "residual output (o_proj / down_proj) zeroed"
     for col in [c for c in (table[0] if table else {}) if c.endswith("_drop")]:
         kind, metric = col.removesuffix("_drop").split("_", 1)

@@ -24,11 +24,11 @@ def _fail(msg: str) -> None:
 
 def _errors() -> tuple[type[Exception], ...]:
     from ..eval.judge import JudgeError
+    from ..files import OutputExistsError
     from ..merge import MergeError, RecipeError
     from ..merge.checkpoint import CheckpointError
     from ..merge.embeddings import VocabularyError
     from ..merge.families import UnknownFamilyError
-    from ..merge.writer import OutputExistsError
     from ..reward.inputs import InputError
     from . import AnalysisError
     from .tasks import TaskError

@@ -188,11 +188,11 @@ def quantities(rows: Sequence[dict], other_role: str) -> list[tuple[str, str]]:
 
 def write_params(out: Path, rows: Sequence[dict], names: dict[str, str]) -> list[Path]:
     """``params.csv`` and one heatmap PNG per quantity (layers × modules, aggregates right of the white line)."""
-    from .outputs import write_csv
+    from ..files import write_csv_atomic
     from .plots import table_heatmap
 
     o = names["other_role"]
-    files = [write_csv(out / "params.csv", rows)]
+    files = [write_csv_atomic(rows, out / "params.csv")]
     modules = sorted({r["module"] for r in rows}, key=module_sort_key)
     split = sum(m not in AGGREGATES for m in modules)
     who = f"LVLM {Path(names['lvlm']).name}, {o.upper()} {Path(names[o]).name}, base {Path(names['base']).name}"

@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..files import write_figure_atomic
+
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -60,7 +62,7 @@ def heatmap(
     if split_after is not None and 0 < split_after < len(cols):
         ax.axvline(split_after - 0.5, color="white", linewidth=2)
     fig.colorbar(im, ax=ax, label=cbar_label)
-    return _save(fig, path)
+    return write_figure_atomic(fig, path, force=True)
 
 
 def curves(
@@ -88,15 +90,7 @@ def curves(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    fig.savefig(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise OSError(f"matplotlib wrote no image to {path}")
-    return path
+    return write_figure_atomic(fig, path, force=True)
 
 
 def table_heatmap(path: str | Path, rows: Sequence[Mapping], value: str, *, row_key: str, col_key: str,

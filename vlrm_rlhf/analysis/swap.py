@@ -103,10 +103,10 @@ def swap_curve(swapper: LayerSwapper, tasks: Sequence[Task], *, scorer: TaskScor
 
 def write_swap(out: Path, rows: Sequence[dict], recipe_name: str) -> list[Path]:
     """``swap.csv`` and ``swap.png``: accuracy and log p(correct) vs k, one line per task kind."""
-    from .outputs import write_csv
+    from ..files import write_csv_atomic
     from .plots import curves
 
-    files = [write_csv(out / "swap.csv", rows)]
+    files = [write_csv_atomic(rows, out / "swap.csv")]
     kinds = [c.removesuffix("_accuracy") for c in rows[0] if c.endswith("_accuracy")] if rows else []
     ks = [r["k"] for r in rows]
     panels = {"accuracy": {kind: [r[f"{kind}_accuracy"] for r in rows] for kind in kinds},

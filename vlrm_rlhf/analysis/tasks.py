@@ -15,13 +15,14 @@ Metrics per kind: ``accuracy`` and ``logprob``, the mean log-probability of the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from ..files import FileFormatError, read_jsonl
 
 KINDS = ("perception", "reasoning")
 METRICS = ("accuracy", "logprob")
@@ -76,21 +77,11 @@ def parse_task(rec: object, where: str, base_dir: Path) -> Task:
 def load_tasks(path: str | Path) -> list[Task]:
     """Read and validate a task JSONL file (blank lines skipped); errors name the line."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"task file not found: {path}")
-    tasks = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not valid JSON ({e.msg})") from None
-        tasks.append(parse_task(rec, where, path.parent))
-    if not tasks:
-        raise TaskError(f"{path}: no task records")
-    return tasks
+    try:
+        lines = read_jsonl(path, what="task file")
+    except FileFormatError as e:
+        raise TaskError(str(e)) from None
+    return [parse_task(rec, f"{path} line {n}", path.parent) for n, rec in lines]
 
 
 @dataclass

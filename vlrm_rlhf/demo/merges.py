@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from ..files import write_text_atomic
+
 # per method: (top-level parameters, lvlm parameters, rm parameters); weights 1 = the paper's task vectors
 METHOD_PARAMS: dict[str, tuple[dict, dict, dict]] = {
     "linear": ({}, {"weight": 0.5}, {"weight": 0.5}),
@@ -52,7 +54,7 @@ def write_recipes(dirs: dict[str, Path], out: Path, seed: int) -> dict[str, Path
     paths = {}
     for m in METHOD_PARAMS:
         p = out / f"{m}.yaml"
-        p.write_text(f"# ShapesWorld VLRM: {m} (written by `vlrm-rlhf demo`)\n"
-                     + yaml.safe_dump(method_recipe(m, dirs, seed), sort_keys=False))
+        write_text_atomic(f"# ShapesWorld VLRM: {m} (written by `vlrm-rlhf demo`)\n"
+                          + yaml.safe_dump(method_recipe(m, dirs, seed), sort_keys=False), p, force=True)
         paths[m] = p
     return paths

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_text_atomic
+from ..files import write_figure_atomic, write_text_atomic
 
 CATS = ("hallucination", "general", "reasoning")
 
@@ -37,7 +37,7 @@ def plot_accuracy(acc: Mapping[str, Mapping[str, float]], order: Sequence[str], 
     ax.legend(fontsize=8, ncol=4, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure_atomic(fig, path, force=True)
     plt.close(fig)
 
 
@@ -55,7 +55,7 @@ def plot_reward_curve(curve: Sequence[Mapping[str, float]], path: Path, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    write_figure_atomic(fig, path, force=True)
     plt.close(fig)
 
 

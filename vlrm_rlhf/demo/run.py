@@ -65,8 +65,8 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
              progress: bool = True) -> dict[str, Any]:
     """Run every stage and write the report; returns ``report.json``'s content."""
     from ..eval.records import load_pref_records
-    from ..eval.report import write_json_atomic
     from ..eval.sweep import run_sweep
+    from ..files import write_bytes_atomic, write_json_atomic
     from ..merge import build
     from ..worlds.bench import write_benchmark
     from ..worlds.shapes import World
@@ -165,7 +165,7 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
                   f"ShapesWorld preference accuracy, test pairs (seed {seed})")
     if ppo["curve"]:
         plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})")
-    (work / "sweep.png").write_bytes((work / "sweep" / "sweep.png").read_bytes())
+    write_bytes_atomic((work / "sweep" / "sweep.png").read_bytes(), work / "sweep.png", force=True)
     write_markdown(rep, [n for n in order if n in acc], work / "report.md")
     write_json_atomic(rep, work / "report.json", force=True)  # last: its presence means the run completed
     if progress:

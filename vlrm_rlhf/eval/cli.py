@@ -26,7 +26,7 @@ def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[P
     if out.suffix in suffixes:
         main._fail(f"--out is the JSON results file; {out.suffix} files are written next to it")
     paths = [out, *(out.with_suffix(s) for s in suffixes)]
-    from ..atomic import check_writable
+    from ..files import check_writable
 
     for p in paths:
         try:
@@ -58,11 +58,11 @@ def prefs(
     import time
 
     from .. import cli as main
-    from ..atomic import write_jsonl_atomic
+    from ..files import write_json_atomic, write_jsonl_atomic, write_text_atomic
     from ..reward.inputs import InputError
     from .prefs import evaluate_prefs
     from .records import PrefDataError, load_pref_data
-    from .report import markdown_table, write_json_atomic, write_text_atomic
+    from .report import markdown_table
 
     warnings.showwarning = main._show_warning
     if mode not in PREF_MODES:
@@ -149,7 +149,8 @@ def bon(
     import json
 
     from .. import cli as main
-    from .report import bon_markdown_table, write_json_atomic, write_text_atomic
+    from ..files import write_json_atomic, write_text_atomic
+    from .report import bon_markdown_table
 
     warnings.showwarning = main._show_warning
     paths = _outputs(out, force, (".md",))

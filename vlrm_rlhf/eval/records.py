@@ -129,11 +129,11 @@ def _rows(path: Path, limit: int | None, split: str | None) -> Iterator[tuple[st
         return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        from ..bon import RecordError, read_jsonl
+        from ..files import FileFormatError, read_jsonl
 
         try:
             lines = read_jsonl(path)
-        except RecordError as e:
+        except FileFormatError as e:
             raise PrefDataError(str(e)) from None
         for ln, row in lines[:limit]:
             yield f"{path} line {ln}", row

@@ -1,4 +1,4 @@
-"""Writing evaluation results: atomic JSON / text files and markdown tables (accuracies shown in percent)."""
+"""Evaluation results as markdown tables (accuracies shown in percent); the files are written by ``vlrm_rlhf.files``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..atomic import write_json_atomic, write_text_atomic
 from .records import CATEGORY_ORDER
 
-__all__ = ["bon_markdown_table", "markdown_table", "write_json_atomic", "write_text_atomic"]
+__all__ = ["bon_markdown_table", "markdown_table"]
 
 
 def _pct(x: Any) -> str:

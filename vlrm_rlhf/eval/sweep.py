@@ -9,17 +9,14 @@ built by the disk engine with the same parameters (bit-identical to the model th
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
-import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import OutputExistsError, write_csv_atomic, write_figure_atomic
 from ..merge import methods as M
 from ..merge.engine import MergeError
 from ..merge.recipe import Recipe, RecipeError, parse_recipe
@@ -145,31 +142,12 @@ def point_overrides(recipe: Recipe, point: Mapping[str, float]) -> dict[str, flo
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------
-def _replace_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Rows as CSV (columns in first-seen order), written atomically."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    _replace_atomic(path, buf.getvalue().encode())
-
-
 def _label(point: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in point.items())
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, path: Path,
-               title: str = "merge sweep") -> None:
+               title: str = "merge sweep", *, force: bool = True) -> None:
     """One key: every metric against it; two keys: ``metric`` against the first, a line per second-key value;
     more: the best points as bars. Written atomically (PNG, Agg canvas: no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -208,9 +186,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         ax.set_title(f"{title} ({len(rows)} points)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    _replace_atomic(path, buf.getvalue())
+    write_figure_atomic(fig, path, force=force, dpi=120)
 
 
 def _is_num(v: Any) -> bool:
@@ -244,7 +220,6 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     from ..merge.inmemory import InMemoryMerger
-    from ..merge.writer import OutputExistsError
 
     recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(Path(recipe))
     grid = dict(grid) if isinstance(grid, Mapping) else parse_grid(grid)
@@ -286,12 +261,12 @@ def run_sweep(
             if metric not in metrics:
                 raise SweepError(f"metric {metric!r} is not among the evaluation's metrics: {', '.join(metrics)}")
             rows.append({**p, **{k: v for k, v in metrics.items() if k not in p}})
-            write_csv(rows, partial)  # progress survives a crash, under a name that says it is partial
+            write_csv_atomic(rows, partial, force=True)  # progress survives a crash, under a name that says it is partial
             bar.set_postfix({metric: f"{metrics[metric]:.4g}"})
     finally:
         merger.close()
-    write_csv(rows, outputs[0])
-    plot_sweep(rows, list(grid), metric, outputs[1], title=f"{recipe.merge_method} sweep")
+    write_csv_atomic(rows, outputs[0], force=force)
+    plot_sweep(rows, list(grid), metric, outputs[1], title=f"{recipe.merge_method} sweep", force=force)
     partial.unlink(missing_ok=True)
     if save_best is not None:
         from ..merge import build

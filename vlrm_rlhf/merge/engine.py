@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_output_dir
 from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
 from .embeddings import OutputVocab, RowPlan, Vocab, build_output_vocab, gather_rows, plan_rows
@@ -31,7 +32,7 @@ from .schedules import (
     swap_keeps,
     tensor_name,
 )
-from .writer import ShardWriter, TensorSpec, atomic_output_dir, plan_shards, write_index
+from .writer import ShardWriter, TensorSpec, plan_shards, write_index
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^layers\.(\d+)\.")

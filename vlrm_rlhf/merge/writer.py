@@ -1,17 +1,12 @@
-"""Streaming, atomic output: safetensors shards written tensor by tensor into a temporary sibling directory.
+"""Streaming shard output: safetensors shards written tensor by tensor (into ``files.atomic_output_dir``'s folder).
 
 Shards are planned from shapes alone (huggingface_hub's sharding helper), each shard's header is written
 first, then tensors are appended as they are produced, so memory never holds more than one output tensor.
-The directory is renamed into place only when complete; an existing output is never replaced silently.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +18,6 @@ _DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and ``force`` was not given."""
 
 
 @dataclass(frozen=True)
@@ -104,39 +95,3 @@ def write_index(out_dir: Path, shards: dict[str, list[str]], specs: dict[str, Te
     total = sum(specs[n].nbytes for n in weight_map)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def stale_partials(out_dir: Path) -> list[Path]:
-    """Temporary siblings left behind by an interrupted run for the same output."""
-    return sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to ``out_dir`` only if the block completes.
-
-    An existing ``out_dir`` raises unless ``force``; with ``force`` it is replaced only after the new output
-    is complete. Leftovers of killed runs (``.NAME.partial-*``) are removed on the next successful run.
-    """
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not force:
-        raise OutputExistsError(f"output directory {out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"output path {out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in stale_partials(out_dir):
-        shutil.rmtree(p, ignore_errors=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..atomic import write_jsonl_atomic
-from ..merge.writer import atomic_output_dir
+from ..files import atomic_output_dir, write_jsonl_atomic
 from .shapes import Pair, Split, World
 
 

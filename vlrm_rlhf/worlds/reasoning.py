@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import write_jsonl_atomic
+from ..files import write_jsonl_atomic
 from .shapes import COLOURS, NUMBERS, QA, Scene, Split, World, answer, questions
 from .text import DESCRIPTION_PREFIX, build_tokenizer, text_seq
 

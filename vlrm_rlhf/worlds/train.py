@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..merge.writer import atomic_output_dir
+from ..files import atomic_output_dir
 from .shapes import IMAGE_SIZE, WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
 
