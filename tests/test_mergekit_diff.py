@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlrm_rlhf.merge import methods
+from vlrm_rlhf.merge import methods, sparsify
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGEKIT_PYTHON = ROOT / ".mergekit-venv" / "bin" / "python"
@@ -140,11 +140,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def chunking(request, monkeypatch):
     """Run each comparison twice; tiny chunks force the multi-chunk and sampled-threshold paths."""
     if request.param == "tiny_chunks":
-        monkeypatch.setattr(methods, "_CHUNK", 700)
-        monkeypatch.setattr(methods, "_SAMPLE", 512)
+        monkeypatch.setattr(sparsify, "_CHUNK", 700)
+        monkeypatch.setattr(sparsify, "_SAMPLE", 512)
     if request.param == "forced_retries":  # a zero-width bracket: nearly every selection needs a second pass
-        monkeypatch.setattr(methods, "_CHUNK", 1000)
-        monkeypatch.setattr(methods, "_MARGIN", (0.0, 0))
+        monkeypatch.setattr(sparsify, "_CHUNK", 1000)
+        monkeypatch.setattr(sparsify, "_MARGIN", (0.0, 0))
     return request.param
 
 

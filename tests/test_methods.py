@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlrm_rlhf.merge import methods
+from vlrm_rlhf.merge import sparsify
 from vlrm_rlhf.merge.methods import (
     METHODS,
     REQUIRED,
@@ -16,8 +16,8 @@ from vlrm_rlhf.merge.methods import (
     inert_parameter_warnings,
     merge_tensor,
     register,
-    topk_magnitude_mask,
 )
+from vlrm_rlhf.merge.sparsify import topk_magnitude_mask
 
 T = torch.tensor
 
@@ -33,8 +33,8 @@ def gen(seed=0):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force the multi-chunk and sampled-threshold code paths on small tensors."""
-    monkeypatch.setattr(methods, "_CHUNK", 257)
-    monkeypatch.setattr(methods, "_SAMPLE", 300)
+    monkeypatch.setattr(sparsify, "_CHUNK", 257)
+    monkeypatch.setattr(sparsify, "_SAMPLE", 300)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -184,10 +184,10 @@ def test_ties_density_extremes_keep_one_and_all(small_chunks):
 
 
 def test_topk_exact_with_heavy_ties_and_forced_retries(monkeypatch, small_chunks):
-    monkeypatch.setattr(methods, "_MARGIN", (0.0, 0))  # zero-width bracket: the sample almost always misses
+    monkeypatch.setattr(sparsify, "_MARGIN", (0.0, 0))  # zero-width bracket: the sample almost always misses
     passes = []
-    real_delta = methods._delta
-    monkeypatch.setattr(methods, "_delta", lambda *a: passes.append(a[2]) or real_delta(*a))
+    real_delta = sparsify._delta
+    monkeypatch.setattr(sparsify, "_delta", lambda *a: passes.append(a[2]) or real_delta(*a))
     x = torch.round(rand(4000, seed=6) * 4) / 4  # few distinct magnitudes, zeros included
     for k in (1, 700, 2000, 3999):
         m = topk_magnitude_mask(x, k)
@@ -205,8 +205,8 @@ def test_multi_chunk_results_equal_single_chunk(monkeypatch):
     ]
     whole = [merge_tensor(m, base, [a, b], p, s) for m, p, s in cases]
     whole.append(merge_tensor("slerp", base, [a], [{}], {"t": 0.3}))
-    monkeypatch.setattr(methods, "_CHUNK", 100)
-    monkeypatch.setattr(methods, "_SAMPLE", 256)
+    monkeypatch.setattr(sparsify, "_CHUNK", 100)
+    monkeypatch.setattr(sparsify, "_SAMPLE", 256)
     chunked = [merge_tensor(m, base, [a, b], p, s) for m, p, s in cases]
     chunked.append(merge_tensor("slerp", base, [a], [{}], {"t": 0.3}))
     for x, y in zip(whole, chunked, strict=True):

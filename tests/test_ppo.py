@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -32,9 +33,11 @@ from transformers import (
     TrainerCallback,
 )
 
+from vlrm_rlhf.errors import VLRMError
 from vlrm_rlhf.reward.trl import VLRMReward
 from vlrm_rlhf.testing.zoo import demo_image
 from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
+from vlrm_rlhf.trainers.ppo import SAMPLES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["what color is the cat ?", "describe the image please", "is the dog big ?", "which car is red ?",
@@ -174,6 +177,49 @@ def test_checkpoint_and_resume_match_uninterrupted_run(dirs, tmp_path):
     assert [h["episode"] for h in logs] == [4, 8, 12]
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr"):
         assert logs[-1][key] == pytest.approx(ref_logs[-1][key], rel=1e-5, abs=1e-7), key
+
+
+# ---- sample generations, refused settings ---------------------------------------------------------------------
+def scalar_metrics(trainer: VLPPOTrainer) -> list[dict[str, float]]:
+    return [{k: h[k] for k in METRICS} for h in trainer.state.log_history if "objective/scores" in h]
+
+
+def test_sample_generations_follow_trl_schedule_and_leave_training_unchanged(dirs, tmp_path):
+    """num_sample_generations=2 over 4 updates: greedy completions of the first eval prompts after updates 1 and 3,
+    appended to sample_generations.jsonl; the training metrics equal a run without them (RNG untouched)."""
+    plain = text_trainer(dirs, config(tmp_path / "plain", 4))
+    plain.train()
+    args = config(tmp_path / "sampled", 4, num_sample_generations=2, per_device_eval_batch_size=3)
+    sampled = text_trainer(dirs, args, eval_dataset=Dataset.from_dict({"prompt": PROMPTS[3:]}))
+    sampled.train()
+    assert scalar_metrics(sampled) == scalar_metrics(plain)
+    lines = (tmp_path / "sampled" / SAMPLES_FILE).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["step"], r["episode"]) for r in records] == [(1, 4)] * 3 + [(3, 12)] * 3
+    assert [r["prompt"] for r in records] == PROMPTS[3:6] * 2
+    assert all(isinstance(r["completion"], str) and math.isfinite(r["score"]) for r in records)
+
+    rng = torch.get_rng_state()
+    again = sampled.log_sample_generations()  # the final policy's greedy completions, scored by the RM
+    assert torch.equal(torch.get_rng_state(), rng) and sampled.log_sample_generations() == again
+    tok, rm = sampled.tokenizer, sampled.reward_funcs[0]
+    for r in again:
+        ids = tok(r["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = sampled.policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                      do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id) + 1]
+        assert tok.decode(out, skip_special_tokens=True) == r["completion"]
+        with torch.no_grad():
+            score = rm(input_ids=torch.tensor([ids[0].tolist() + out])).logits[0, 0].item()
+        assert r["score"] == pytest.approx(score, rel=1e-4, abs=1e-5)
+
+
+def test_unsupported_settings_are_refused(tmp_path):
+    with pytest.raises(VLRMError, match="dataset_num_proc=2.*leave it unset"):
+        config(tmp_path, dataset_num_proc=2)
+    with pytest.raises(ValueError, match="num_sample_generations must be >= 0"):
+        config(tmp_path, num_sample_generations=-1)
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------------

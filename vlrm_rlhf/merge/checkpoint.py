@@ -8,7 +8,6 @@ it from the module tree, and reads tensors lazily (memory-mapped safetensors) on
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,14 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .families import Family, get_family
+from .schedules import split_layer
 
 Role = Literal["base", "lvlm", "rm", "llm"]
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE = "pytorch_model.bin"
-
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -250,12 +248,12 @@ class Checkpoint:
         if not module_key.startswith(self.lm_prefix):
             return None
         rel = module_key[len(self.lm_prefix) :]
-        m = _LAYER_RE.match(rel)
-        if m and self.family is not None:
-            j = self.family.text_layer_to_base(text_cfg, int(m.group(1)))
+        split = split_layer(rel)
+        if split and self.family is not None:
+            j = self.family.text_layer_to_base(text_cfg, split[0])
             if j is None:
                 return None
-            rel = f"layers.{j}." + rel[m.end() :]
+            rel = f"layers.{j}.{split[1]}"
         return rel
 
     def tokenizer(self):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +28,13 @@ from .schedules import (
     iter_settings,
     layer_of,
     schedules_in,
+    split_layer,
     swap_keeps,
     tensor_name,
 )
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
 
 log = logging.getLogger(__name__)
-_LAYER = re.compile(r"^layers\.(\d+)\.")
 _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 
@@ -253,11 +252,11 @@ class MergePlan:
         self._checked = r
 
     def _t(self, canon: str) -> float:
-        m = _LAYER.match(canon)
-        if not m:
+        split = split_layer(canon)
+        if not split:
             return 0.0
         n = self.n_layers
-        return int(m.group(1)) / (n - 1) if n > 1 else 1.0
+        return split[0] / (n - 1) if n > 1 else 1.0
 
     def _params(self, canon: str) -> tuple[list[dict], dict]:
         if getattr(self, "_checked", None) is not self.recipe:  # parameters were swapped in (set_parameters)

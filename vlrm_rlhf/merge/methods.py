@@ -1,8 +1,8 @@
 """Pure tensor merge methods with mergekit 0.1.5 semantics, behind a name registry.
 
 Everything here maps tensors to a tensor: no I/O. Inputs may be lazily memory-mapped and are never
-modified. Work is done in chunks of ``_CHUNK`` elements so peak memory stays near one output tensor,
-and TIES/breadcrumbs top-k uses a sampled threshold band plus an exact ``kthvalue`` instead of a sort.
+modified. Work is done in the chunks of :func:`~vlrm_rlhf.merge.sparsify.chunks` so peak memory stays near
+one output tensor; the pruning rules of the task-arithmetic family live in :mod:`vlrm_rlhf.merge.sparsify`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from numbers import Real
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .sparsify import BERNOULLI, MAGNITUDE, MAGPRUNE, OUTLIERS, Sparsifier, chunks, flat
+
 REQUIRED: Any = object()  # sentinel default for required parameters
-_CHUNK = 1 << 20  # elements per work chunk (tests shrink it to exercise the multi-chunk paths)
-_SAMPLE = 1 << 18  # sample size used to bracket a top-k threshold
-_MARGIN = (5.0, 8)  # bracket half-width: sample-quantile sigmas + slack positions ((0, 0) forces retries)
 _EPS = 1e-7  # mergekit's guard in the L1 rescale
 
 
@@ -130,198 +128,22 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
     return m.fn(base, list(tensors), filled, filled_shared, generator, dtype).reshape(ref.shape)
 
 
-# ------------------------------------------------------------------------------------- chunked helpers
-def _spans(n: int) -> range:
-    return range(0, n, _CHUNK)
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1)  # a view for contiguous (e.g. memory-mapped) tensors
-
-
-def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype) -> Tensor:
-    """A fresh chunk m[s:e] - b[s:e] in `dtype` (a copy of m[s:e] when there is no base)."""
-    return m[s:e].to(dtype, copy=True) if b is None else torch.sub(m[s:e].to(dtype), b[s:e].to(dtype))
-
-
-class _TopK:
-    """Exact top-k of |x|: |x| >= tau, minus the first `excess` elements (index order) equal to tau
-    when more tie at tau than k allows; `drop` holds their indices when known, `l1` the kept L1 norm."""
-
-    def __init__(self, tau: float, dtype: torch.dtype, excess=0, l1=0.0, drop: Tensor | None = None):
-        self.tau, self.excess, self.l1, self.drop = tau, excess, l1, drop
-        self.exact = excess > 0 and tau != 0  # merging may keep extra zeros: they contribute nothing
-        down = torch.tensor([tau, -math.inf], dtype=dtype)
-        self.lam = torch.nextafter(down[0], down[1]).item()  # in `dtype`: |x| > lam <=> |x| >= tau
-
-    def mask(self, a: Tensor) -> Tensor:
-        """Bool keep-mask for the next chunk of |x| (chunks must come in order, once)."""
-        keep = a >= self.tau
-        if self.excess > 0:
-            eq = (a == self.tau).nonzero().squeeze(1)[: self.excess]
-            keep[eq] = False
-            self.excess -= eq.numel()
-        return keep
-
-    def part(self, s: int, e: int, d: Tensor) -> Tensor:
-        """The chunk d = x[s:e] with unselected entries zeroed (a new tensor; chunks in order, once)."""
-        if self.exact and self.drop is None:
-            return d * self.mask(d.abs())
-        out = F.hardshrink(d, self.lam)
-        if self.exact and self.drop is not None:
-            i0, i1 = torch.searchsorted(self.drop, torch.tensor([s, e], dtype=self.drop.dtype)).tolist()
-            out[self.drop[i0:i1].long() - s] = 0
-        return out
-
-
-def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool
-          ) -> tuple[list[_TopK], float]:
-    """Select the k largest |m - b| for each k without sorting: bracket the threshold with order statistics
-    of a random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
-    Also returns |m - b|_1 when `want_l1` (else 0)."""
-    n = m.numel()
-    itype = torch.int32 if n < 2**31 else torch.int64
-    jobs: dict[int, tuple[float, float]] = {}
-    if n > _CHUNK:  # sample with a private generator: deterministic, and the caller's RNG is untouched
-        idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
-        smp = _delta(m[idx], None if b is None else b[idx], 0, _SAMPLE, dtype).abs_()  # unsorted: kthvalue picks
-    for j, k in enumerate(ks):
-        if 0 < k < n and n > _CHUNK:
-            q, p = k / n, (n - k) / n * _SAMPLE
-            margin = _MARGIN[0] * math.sqrt(_SAMPLE * q * (1 - q)) + _MARGIN[1]
-            lo, hi = math.floor(p - margin), math.ceil(p + margin)
-            jobs[j] = (torch.kthvalue(smp, lo + 1).values.item() if lo >= 0 else -math.inf,
-                       torch.kthvalue(smp, hi + 1).values.item() if hi < _SAMPLE else math.inf)
-        elif 0 < k < n:
-            jobs[j] = (-math.inf, math.inf)
-    out: list[_TopK | None] = [None] * len(ks)
-    total, first = 0.0, want_l1
-    while jobs or first:
-        above, l1_above = dict.fromkeys(jobs, 0), dict.fromkeys(jobs, 0.0)
-        vals, idxs, count = {j: [] for j in jobs}, {j: [] for j in jobs}, dict.fromkeys(jobs, 0)
-        for s in _spans(n):
-            a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
-            total += float(a.sum()) if first else 0.0
-            for j, (lo, hi) in jobs.items():
-                gt = a > hi
-                above[j] += int(torch.count_nonzero(gt))
-                l1_above[j] += float(F.hardshrink(a, hi).sum()) if want_l1 else 0.0
-                band = (a >= lo).logical_and_(gt.logical_not_())
-                if lo == hi:  # every band value equals lo: counting is enough
-                    count[j] += int(torch.count_nonzero(band))
-                else:
-                    at = band.nonzero().squeeze(1)
-                    vals[j].append(a[at])
-                    idxs[j].append(at.add_(s).to(itype))
-        first = False
-        for j, (lo, hi) in list(jobs.items()):
-            band = torch.cat(vals.pop(j)) if lo != hi else torch.full((count[j],), lo, dtype=dtype)
-            r = ks[j] - above[j]  # how many to take from the band
-            if r <= 0:  # the sample misplaced the bracket (rare): retry on the side that holds tau
-                jobs[j] = (hi, math.inf)
-            elif r > band.numel():
-                jobs[j] = (-math.inf, lo)
-            else:
-                tau = torch.kthvalue(band, band.numel() - r + 1).values
-                gt, eq = band > tau, band == tau
-                ties = r - int(torch.count_nonzero(gt))  # elements equal to tau that belong to the top k
-                excess = int(torch.count_nonzero(eq)) - ties
-                drop = torch.cat(idxs[j])[eq][:excess] if lo != hi and tau != 0 else None
-                l1 = l1_above[j] + float(band[gt].sum()) + ties * tau.item() if want_l1 else 0.0
-                out[j] = _TopK(tau.item(), dtype, excess, l1, drop)
-                del jobs[j]
-    sels = [o if o is not None else _TopK(math.inf, dtype) if k <= 0 else _TopK(-1.0, dtype, 0, total)
-            for o, k in zip(out, ks, strict=True)]
-    return sels, total
-
-
-def topk_magnitude_mask(x: Tensor, k: int) -> Tensor:
-    """Bool mask of the k largest |x| (ties broken by index); what TIES keeps for k = max(1, density*n)."""
-    flat = _flat(x)
-    (sel,), _ = _topk(flat, None, [k], torch.float64 if x.dtype == torch.float64 else torch.float32, False)
-    return torch.cat([sel.mask(flat[s : s + _CHUNK].abs()) for s in _spans(flat.numel())]).reshape(x.shape)
-
-
-# --------------------------------------------------------------------------------------- sparsifiers
-# Each returns (apply, kept_l1, total_l1): apply(s, e, delta chunk) -> pruned chunk, called once per
-# chunk in order; the L1 norms of the kept part and of the whole delta (only computed when `want_l1`)
-# feed rescale "l1".
-Apply = Callable[[int, int, Tensor], Tensor]
-Sparsified = tuple[Apply, float, float]
-
-
-def _magnitude(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
-    """TIES pruning: keep the max(1, int(density * n)) largest-magnitude entries."""
-    (sel,), total = _topk(m, b, [max(1, int(p["density"] * m.numel()))], dtype, want_l1)
-    return sel.part, sel.l1, total
-
-
-def _outliers(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
-    """Breadcrumbs pruning: ascending-magnitude ranks [n_bot, n_bot + int(density*n)) survive,
-    n_bot = max(0, n - int(density*n) - int(gamma*n)); i.e. the top int(gamma*n) are dropped too."""
-    n = m.numel()
-    keep_n, top_n = int(p["density"] * n), int(p["gamma"] * n)
-    drop_top = n - max(0, n - keep_n - top_n) - keep_n
-    (upto, over), total = _topk(m, b, [keep_n + drop_top, drop_top], dtype, want_l1)
-
-    def apply(s: int, e: int, d: Tensor) -> Tensor:  # top (keep_n + drop_top) minus top drop_top: exact
-        return upto.part(s, e, d).sub_(over.part(s, e, d))
-
-    return apply, upto.l1 - over.l1, total
-
-
-def _bernoulli(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
-    """DARE pruning: keep each entry independently with probability density (mask from `gen`)."""
-    n, d = m.numel(), p["density"]
-    mask = torch.empty(n, dtype=torch.bool)
-    for s in _spans(n):
-        torch.lt(torch.rand(min(_CHUNK, n - s), generator=gen, dtype=dtype), d, out=mask[s : s + _CHUNK])
-    return _masked_keep(m, b, mask, dtype, want_l1)
-
-
-def _magprune(m, b, p, dtype, gen, shape, want_l1) -> Sparsified:
-    """DELLA pruning: keep probability rises linearly, density-eps to density+eps, with the magnitude
-    rank along dim 1 (1-D tensors: one row), like mergekit; a single column gets probability density."""
-    d, eps = p["density"], p["epsilon"]
-    x = torch.sub(m.to(dtype), b.to(dtype)).reshape(shape)
-    moved = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)  # rank along the last axis
-    cols = moved.shape[-1]
-    rows = moved.abs().reshape(-1, cols)
-    ranks = torch.arange(cols, dtype=dtype).div_(cols - 1) if cols > 1 else torch.full((1,), 0.5, dtype=dtype)
-    mask = torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, _CHUNK // cols)
-    for r in range(0, rows.shape[0], step):
-        blk = rows[r : r + step]
-        prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
-        mask[r : r + step] = torch.bernoulli(prob.mul_(2 * eps).add_(d - eps), generator=gen).bool()
-    mask = mask.reshape(moved.shape) if x.dim() < 2 else mask.reshape(moved.shape).movedim(-1, 1)
-    return _masked_keep(_flat(x), None, mask.reshape(-1), dtype, want_l1)
-
-
-def _masked_keep(m, b, mask: Tensor, dtype, want_l1: bool) -> Sparsified:
-    kept = total = 0.0
-    for s in _spans(m.numel()) if want_l1 else ():
-        a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
-        total += float(a.sum())
-        kept += float(torch.dot(a, mask[s : s + _CHUNK].to(dtype)))
-    return (lambda s, e, d: d.mul_(mask[s:e])), kept, total
-
-
 # ----------------------------------------------------------------------------------- method kernels
-def _gta(base, tensors, params, shared, gen, dtype, sparsify=None, consensus=False) -> Tensor:
+def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | None = None,
+         consensus: bool = False) -> Tensor:
     """Generalized task arithmetic: base + lambda * merge(weight_i * sparsify(model_i - base)).
 
     With `consensus` (TIES), signs are elected by the sum of weighted deltas and only agreeing entries
     are summed; `normalize` divides by the sum of the (agreeing) weights, as mergekit does.
     """
-    b, ms = _flat(base), [_flat(t) for t in tensors]
+    b, ms = flat(base), [flat(t) for t in tensors]
     weights = [float(p["weight"]) for p in params]
     applies, factors = [], []
     for m, p, w in zip(ms, params, weights, strict=True):
         apply, scale = None, 1.0
-        if sparsify is not None and p["density"] < 1:
+        if sparsifier is not None and p["density"] < 1:
             want_l1 = shared["rescale"] in (True, "l1")
-            apply, kept, total = sparsify(m, b, p, dtype, gen, base.shape, want_l1)
+            apply, kept, total = sparsifier.fn(m, b, p, dtype, gen, base.shape, want_l1)
             if shared["rescale"] == "density":
                 scale = 1.0 / p["density"]
             elif want_l1 and total >= _EPS and kept >= _EPS:  # mergekit's |d|_1 / |keep * d|_1
@@ -331,12 +153,12 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsify=None, consensus=Fal
     div = sum(weights)
     div = 1.0 if abs(div) < 1e-8 else div
     out = torch.empty(b.numel(), dtype=dtype)
-    for s in _spans(b.numel()):
-        bc = b[s : s + _CHUNK].to(dtype)
+    for s, e in chunks(b.numel()):
+        bc = b[s:e].to(dtype)
         ds = []
         for m, apply, f in zip(ms, applies, factors, strict=True):
-            d = torch.sub(m[s : s + _CHUNK].to(dtype), bc)
-            ds.append((d if apply is None else apply(s, s + d.numel(), d)).mul_(f))
+            d = torch.sub(m[s:e].to(dtype), bc)
+            ds.append((d if apply is None else apply(s, e, d)).mul_(f))
         acc = ds[0].clone()
         for d in ds[1:]:
             acc.add_(d)
@@ -355,7 +177,7 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsify=None, consensus=Fal
             acc.div_(div)
         if shared["lambda"] != 1:
             acc.mul_(shared["lambda"])
-        torch.add(bc, acc, out=out[s : s + _CHUNK])
+        torch.add(bc, acc, out=out[s:e])
     return out
 
 
@@ -375,11 +197,11 @@ def _linear(base, tensors, params, shared, gen, dtype) -> Tensor:
 def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
     """Spherical interpolation from base (t=0) to the model (t=1), whole tensor as one vector;
     linear interpolation when |cos| > 0.9995 (as mergekit 0.1.5)."""
-    a, b, t = _flat(base), _flat(tensors[0]), float(shared["t"])
+    a, b, t = flat(base), flat(tensors[0]), float(shared["t"])
     n = a.numel()
     sq_a = sq_b = dot = 0.0
-    for s in _spans(n):
-        x, y = a[s : s + _CHUNK].double(), b[s : s + _CHUNK].double()
+    for s, e in chunks(n):
+        x, y = a[s:e].double(), b[s:e].double()
         sq_a, sq_b, dot = sq_a + float(x @ x), sq_b + float(y @ y), dot + float(x @ y)
     na, nb = math.sqrt(sq_a), math.sqrt(sq_b)
     cos = max(-1.0, min(1.0, dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))))
@@ -389,35 +211,54 @@ def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
         theta = math.acos(cos)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
     out = torch.empty(n, dtype=dtype)
-    for s in _spans(n):
-        o = out[s : s + _CHUNK]
-        torch.mul(a[s : s + _CHUNK].to(dtype), ca, out=o).add_(b[s : s + _CHUNK].to(dtype), alpha=cb)
+    for s, e in chunks(n):
+        torch.mul(a[s:e].to(dtype), ca, out=out[s:e]).add_(b[s:e].to(dtype), alpha=cb)
     return out
 
 
-def _gta_method(name: str, sparsify: Callable[..., Sparsified] | None, consensus: bool, normalize: bool,
-                rescale: bool, stochastic: bool, extra: Mapping[str, Any] | None = None) -> MergeMethod:
-    """Register one task-arithmetic-family method with mergekit's name and defaults."""
+@dataclass(frozen=True)
+class TaskArithmeticVariant:
+    """One registry row of the task-arithmetic family: mergekit's name, its pruning rule, whether signs are
+    elected (TIES consensus), and the defaults of the shared ``normalize`` and ``rescale`` parameters."""
+
+    name: str
+    sparsifier: Sparsifier | None = None
+    consensus: bool = False
+    normalize: bool = False
+    rescale: bool = False
+
+
+def register_task_arithmetic(v: TaskArithmeticVariant) -> MergeMethod:
+    """Register one task-arithmetic-family method; stochasticity and extra parameters come from its sparsifier."""
 
     def fn(base, tensors, params, shared, gen, dtype) -> Tensor:
-        return _gta(base, tensors, params, shared, gen, dtype, sparsify, consensus)
+        return _gta(base, tensors, params, shared, gen, dtype, v.sparsifier, v.consensus)
 
-    fn.__doc__ = f"mergekit's {name!r}: task arithmetic with {getattr(sparsify, '__name__', 'no')} pruning."
-    shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
-    per_model = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
-    return register(MergeMethod(name, fn, True, shared, per_model, stochastic))
+    pruning = v.sparsifier.name if v.sparsifier else "no"
+    fn.__doc__ = f"mergekit's {v.name!r}: task arithmetic with {pruning} pruning."
+    shared = {"normalize": v.normalize, "rescale": v.rescale, "lambda": 1.0, "int8_mask": False}
+    per_model = {"weight": REQUIRED, "density": 1.0, **(v.sparsifier.params if v.sparsifier else {})}
+    stochastic = bool(v.sparsifier and v.sparsifier.stochastic)
+    return register(MergeMethod(v.name, fn, requires_base=True, shared_params=shared, input_params=per_model,
+                                stochastic=stochastic))
 
 
-register(MergeMethod("linear", _linear, False, {"normalize": True}, {"weight": REQUIRED}, False))
-register(MergeMethod("slerp", _slerp, True, {"t": REQUIRED}, {}, False, 1, 1))
-_gta_method("task_arithmetic", None, False, False, False, False)
-_gta_method("ties", _magnitude, True, True, False, False)
-_gta_method("dare_ties", _bernoulli, True, False, True, True)
-_gta_method("dare_linear", _bernoulli, False, False, True, True)
-_gta_method("breadcrumbs", _outliers, False, False, False, False, {"gamma": 0.01})
-_gta_method("breadcrumbs_ties", _outliers, True, False, False, False, {"gamma": 0.01})
-_gta_method("della", _magprune, True, True, True, True, {"epsilon": 0.15})
-_gta_method("della_linear", _magprune, False, False, True, True, {"epsilon": 0.15})
+register(MergeMethod("linear", _linear, requires_base=False, shared_params={"normalize": True},
+                     input_params={"weight": REQUIRED}, stochastic=False))
+register(MergeMethod("slerp", _slerp, requires_base=True, shared_params={"t": REQUIRED}, input_params={},
+                     stochastic=False, min_inputs=1, max_inputs=1))
+for _row in (
+    TaskArithmeticVariant("task_arithmetic"),
+    TaskArithmeticVariant("ties", MAGNITUDE, consensus=True, normalize=True),
+    TaskArithmeticVariant("dare_ties", BERNOULLI, consensus=True, rescale=True),
+    TaskArithmeticVariant("dare_linear", BERNOULLI, rescale=True),
+    TaskArithmeticVariant("breadcrumbs", OUTLIERS),
+    TaskArithmeticVariant("breadcrumbs_ties", OUTLIERS, consensus=True),
+    TaskArithmeticVariant("della", MAGPRUNE, consensus=True, normalize=True, rescale=True),
+    TaskArithmeticVariant("della_linear", MAGPRUNE, rescale=True),
+):
+    register_task_arithmetic(_row)
+del _row
 TASK_ARITHMETIC_FAMILY = frozenset(n for n in METHODS if n not in ("linear", "slerp"))
 SPARSIFYING = TASK_ARITHMETIC_FAMILY - {"task_arithmetic"}
 CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})

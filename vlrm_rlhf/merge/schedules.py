@@ -50,7 +50,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+# The one pattern for a decoder layer in a canonical text-model tensor name: ``layers.<index>.<rest>``
+LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 EMBEDDINGS = ("embed_tokens.weight",)
 FINAL = ("norm.weight", "lm_head.weight")
 
@@ -191,10 +192,16 @@ def tensor_name(canon: str) -> str:
     return canon if canon.startswith("lm_head") else "model." + canon
 
 
+def split_layer(name: str) -> tuple[int, str] | None:
+    """``(index, rest)`` of a name ``layers.<index>.<rest>`` (no ``model.`` prefix), else None."""
+    m = LAYER_RE.match(name)
+    return (int(m.group(1)), name[m.end():]) if m else None
+
+
 def layer_of(name: str) -> int | None:
     """Base-layer index of a canonical tensor name (``layers.3.mlp...`` or ``model.layers.3...``), else None."""
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
+    split = split_layer(name.removeprefix("model."))
+    return split[0] if split else None
 
 
 def linear_value(start: float, end: float, layer: int, n_layers: int) -> float:

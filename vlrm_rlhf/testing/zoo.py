@@ -42,6 +42,8 @@ from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+from ..merge.schedules import split_layer
+
 __all__ = ["FAMILIES", "SPECS", "FamilySpec", "build_trio", "demo_image", "hub_key_map", "lm_key_map",
            "lvlm_inputs", "write_quick_recipe"]
 
@@ -317,12 +319,12 @@ def lm_key_map(base: PreTrainedModel, target: PreTrainedModel) -> dict[str, str]
     for name, _ in target.named_parameters():
         if name.startswith(tp + "."):
             rest = name[len(tp) + 1:]
-            m = re.match(r"layers\.(\d+)\.(.*)", rest)
-            if m:
-                j = int(m.group(1))
+            split = split_layer(rest)
+            if split:
+                j = split[0]
                 if j in cross:
                     continue
-                rest = f"layers.{j - bisect.bisect_left(cross, j)}.{m.group(2)}"
+                rest = f"layers.{j - bisect.bisect_left(cross, j)}.{split[1]}"
             cand = f"{bp}.{rest}"
         else:
             cand = name  # lm_head.weight (score etc. simply have no counterpart)

@@ -25,11 +25,17 @@ What differs, and why:
   policy's checkpoint. The same seed gives the same metrics on DDP, ZeRO-2 and ZeRO-3.
 * **Trainer machinery**: optimizer/scheduler, accelerate, logging (``report_to``), checkpoints and
   ``train(resume_from_checkpoint=...)`` come from ``transformers.Trainer``.
+* **Sample generations** (``num_sample_generations``, on TRL 1.12's schedule) are greedy and run with the RNG
+  state saved and restored, so logging them never changes the training run.
+
+The maths (KL-in-reward, GAE, whitening, clipped losses) is in :mod:`.ppo_math`, the data plumbing and the
+micro-batch order in :mod:`.batching`, the model wrappers and loaders in :mod:`.ppo_models`.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import logging
 import math
 import os
 import time
@@ -40,14 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoProcessor,
     GenerationConfig,
     PreTrainedModel,
@@ -63,14 +66,13 @@ with warnings.catch_warnings():  # TRL warns on any trl.experimental import; the
     warnings.simplefilter("ignore")
     from trl.experimental.utils import first_true_indices, get_reward
 
-from ._ppo_utils import (
+from .batching import (
     TEXT_KEYS,
     EpochSampler,
     collate_visual,
     columns,
     count_image_blocks,
-    masked_mean,
-    masked_whiten,
+    ppo_micro_batches,
     repeat,
     row_images,
     strip_images,
@@ -78,9 +80,29 @@ from ._ppo_utils import (
     uses_own_positions,
 )
 from .ppo_config import VLPPOConfig
+from .ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_estimate,
+    kl_penalised_rewards,
+    masked_whiten,
+)
+from .ppo_models import (
+    PolicyAndValue,
+    default_value_model,
+    load_policy,
+    reference_copy,
+    reward_from_path,
+    special_media_ids,
+    token_values,
+)
 
 __all__ = ["PPOTrainerState", "PolicyAndValue", "VLPPOTrainer"]
 
+logger = logging.getLogger(__name__)
+SAMPLES_FILE = "sample_generations.jsonl"  # where num_sample_generations' samples are appended
 INVALID_LOGPROB = 1.0  # TRL 1.12's fill value for logprobs past the end of a response
 RewardFunc = Callable[..., list] | nn.Module | str
 
@@ -91,40 +113,6 @@ class PPOTrainerState(TrainerState):
 
     episode: int = 0
     sampler_seeds: list[int] | None = None  # one per data epoch started, to replay the data order on resume
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so one ``accelerator.prepare`` / optimizer covers both.
-
-    ``forward(**inputs)`` returns ``(policy_logits, values)``, values being the value model's score head on
-    every position of its backbone's last hidden state.
-    """
-
-    def __init__(self, policy: nn.Module, value_model: PreTrainedModel):
-        super().__init__()
-        self.policy, self.value_model = policy, value_model
-        self.config = policy.config
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        """What TRL's ``unwrap_model_for_generation`` checks (to turn checkpointing off while generating)."""
-        return bool(getattr(self.policy, "is_activation_checkpointing", False))
-
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.policy.gradient_checkpointing_enable(**kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.policy.gradient_checkpointing_disable()
-
-    def forward(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy(**inputs, use_cache=False).logits, token_values(self.value_model, inputs)
-
-
-def token_values(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
-    """Scalar head on every position: ``model.score(backbone(**inputs).last_hidden_state)[..., 0]``."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    return model.score(hidden)[..., 0]
 
 
 class VLPPOTrainer(Trainer):
@@ -151,18 +139,18 @@ class VLPPOTrainer(Trainer):
                  eval_dataset: Any = None, peft_config: Any = None, callbacks: list | None = None,
                  optimizers: tuple = (None, None)):
         if isinstance(model, str):
-            model = _load_policy(model)
+            model = load_policy(model)
         processing_class = processing_class or AutoProcessor.from_pretrained(model.config._name_or_path)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (PPO pads responses with it)")
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        self.reward_funcs = [_reward_from_path(f) if isinstance(f, (str, Path)) else f for f in funcs]
+        self.reward_funcs = [reward_from_path(f) if isinstance(f, (str, Path)) else f for f in funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"{len(weights)} reward_weights for {len(self.reward_funcs)} reward functions")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        value_model = value_model or _default_value_model(args, self.reward_funcs)
+        value_model = value_model or default_value_model(args, self.reward_funcs)
         if args.stop_token == "eos":
             self.stop_token_id = self.tokenizer.eos_token_id
         else:
@@ -176,7 +164,7 @@ class VLPPOTrainer(Trainer):
         if ref_model is model:
             raise ValueError("ref_model must not be the policy itself (pass None for a frozen copy)")
         if ref_model is None and not self.is_peft_model:
-            ref_model = _reference_copy(model)
+            ref_model = reference_copy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.policy, self.ref_model, self.value_model = model, ref_model, value_model
@@ -186,7 +174,7 @@ class VLPPOTrainer(Trainer):
         self._own_positions = uses_own_positions(model)
         # A sampled <image> (etc.) token would make the next forward expect one image more than it has; such
         # ids get -inf logits in generation and in every logprob (the same distribution everywhere).
-        self._suppress = _special_media_ids(model.config)
+        self._suppress = special_media_ids(model.config)
         super().__init__(model=PolicyAndValue(model, value_model), args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
@@ -321,16 +309,16 @@ class VLPPOTrainer(Trainer):
         return torch.nansum(per_func * self.reward_weights.to(device), 1)
 
     # ---- one PPO update ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _rollout(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Generate, score and compute advantages/returns for one batch of prompts (TRL 1.12 math)."""
+    def _generate(self, samples: list[dict], queries: torch.Tensor, qmask: torch.Tensor,
+                  gen_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate a response per sample, in chunks of ``local_rollout_forward_batch_size``.
+
+        Returns the responses right-padded with the pad token and the logprobs of their tokens under the
+        generation distribution (0 past each chunk's end), both ``(B, T)``.
+        """
         args, acc, device = self.args, self.accelerator, self.accelerator.device
-        pad, temp = self.tokenizer.pad_token_id, args.temperature + 1e-7
-        samples, queries, qmask = self._encode(rows)
-        queries, qmask, n, L = queries.to(device), qmask.to(device), len(samples), queries.shape[1]
+        pad, n, L = self.tokenizer.pad_token_id, len(samples), queries.shape[1]
         chunk = args.local_rollout_forward_batch_size
-        gen_kwargs = {"max_new_tokens": args.response_length, "temperature": temp, "top_k": 0, "top_p": 1.0,
-                      "do_sample": True, "suppress_tokens": self._suppress or None}
         responses, logprobs = [], []
         with unwrap_model_for_generation(self.model, acc, gather_deepspeed3_params=args.ds3_gather_for_generation,
                                          generation_kwargs=gen_kwargs) as unwrapped:
@@ -347,6 +335,20 @@ class VLPPOTrainer(Trainer):
         width = max(r.shape[1] for r in responses)
         responses = torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in responses])
         logprobs = torch.cat([nn.functional.pad(x, (0, width - x.shape[1]), value=0.0) for x in logprobs])
+        return responses, logprobs
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Generate, score and compute advantages/returns for one batch of prompts (TRL 1.12 math)."""
+        args, acc, device = self.args, self.accelerator, self.accelerator.device
+        pad, temp = self.tokenizer.pad_token_id, args.temperature + 1e-7
+        samples, queries, qmask = self._encode(rows)
+        queries, qmask, n, L = queries.to(device), qmask.to(device), len(samples), queries.shape[1]
+        chunk = args.local_rollout_forward_batch_size
+        gen_kwargs = {"max_new_tokens": args.response_length, "temperature": temp, "top_k": 0, "top_p": 1.0,
+                      "do_sample": True, "suppress_tokens": self._suppress or None}
+        responses, logprobs = self._generate(samples, queries, qmask, gen_kwargs)
+        width = responses.shape[1]
         full_mask = torch.cat((qmask, (responses != pad).long()), 1)
         qr = torch.cat((queries, responses), 1)
         ref_logprobs, values = [], []
@@ -371,20 +373,11 @@ class VLPPOTrainer(Trainer):
         logprobs, ref_logprobs = logprobs.masked_fill(pad_mask, INVALID_LOGPROB), ref_logprobs.masked_fill(
             pad_mask, INVALID_LOGPROB)
         values = values.masked_fill(pad_mask_p1, 0)
-        log_ratio = ref_logprobs - logprobs
-        kl = -log_ratio if args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
-        non_score = -args.kl_coef * kl
-        rewards = non_score.clone()
-        end = torch.where(lengths + 1 < width, lengths + 1, lengths)
-        rewards[torch.arange(n, device=device), end] += scores
+        kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator)
+        rewards, non_score = kl_penalised_rewards(scores, kl, args.kl_coef, lengths)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, ~pad_mask_p1, shift_mean=False).masked_fill(pad_mask_p1, 0)
-        advantages, last = torch.zeros_like(rewards), torch.zeros(n, device=device)
-        for t in reversed(range(width)):
-            next_value = values[:, t + 1] if t < width - 1 else 0.0
-            last = rewards[:, t] + args.gamma * next_value - values[:, t] + args.gamma * args.lam * last
-            advantages[:, t] = last
-        returns = advantages + values
+        advantages, returns = gae(rewards, values, args.gamma, args.lam)
         advantages = masked_whiten(advantages, ~pad_mask).masked_fill(pad_mask, 0)
         return {"samples": samples, "qr": qr, "mask": full_mask, "responses": responses, "L": L,
                 "logprobs": logprobs, "values": values, "returns": returns, "advantages": advantages,
@@ -408,48 +401,80 @@ class VLPPOTrainer(Trainer):
         # the loss by 1 / its own ``gradient_accumulation_steps``, which ``scale`` undoes.
         ds_steps = self.model.gradient_accumulation_steps() if self.is_deepspeed_enabled else 1
         scale = ds_steps / micro
-        for epoch in range(args.num_ppo_epochs):
-            order = np.random.permutation(args.local_batch_size)
-            for mb, start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
-                mini = order[start:start + args.local_mini_batch_size]
-                for ga, mstart in enumerate(range(0, args.local_mini_batch_size, args.per_device_train_batch_size)):
-                    idx = mini[mstart:mstart + args.per_device_train_batch_size]
-                    t_idx = torch.as_tensor(idx, device=device)
-                    last = mstart + args.per_device_train_batch_size >= args.local_mini_batch_size
-                    acc.gradient_state._set_sync_gradients(last)
-                    with nullcontext() if last else acc.no_sync(self.model):
-                        inputs = self._inputs(b["samples"], list(idx), b["qr"][t_idx], b["mask"][t_idx], device)
-                        logits, vpred = self.model(**inputs)
-                        logits = self._mask_media(logits[:, L - 1:-1]) / temp
-                        pmask, vmask = ~b["pad_mask"][t_idx], ~b["pad_mask_p1"][t_idx]
-                        new_logprobs = selective_log_softmax(logits, b["responses"][t_idx]).masked_fill(
-                            ~pmask, INVALID_LOGPROB)
-                        vpred = vpred[:, L - 1:-1].masked_fill(~vmask, 0)
-                        old_v, ret, adv = b["values"][t_idx], b["returns"][t_idx], b["advantages"][t_idx]
-                        v_clipped = torch.clamp(vpred, old_v - args.cliprange_value, old_v + args.cliprange_value)
-                        vf1, vf2 = (vpred - ret) ** 2, (v_clipped - ret) ** 2
-                        vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), vmask)
-                        diff = new_logprobs - b["logprobs"][t_idx]
-                        ratio = diff.exp()
-                        pg1, pg2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
-                        pg_loss = masked_mean(torch.max(pg1, pg2), pmask)
-                        acc.backward((pg_loss + args.vf_coef * vf_loss) * scale)
-                    if last:  # under DeepSpeed these are no-ops: engine.step ran in acc.backward
-                        if args.max_grad_norm and not self.is_deepspeed_enabled:
-                            acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
-                    with torch.no_grad():
-                        probs = logits.softmax(-1)
-                        plogits = torch.where(probs > 0, probs * logits, 0.0)  # suppressed ids: 0 * -inf
-                        entropy = torch.logsumexp(logits, -1) - plogits.sum(-1)
-                        for k, v in (("approxkl", 0.5 * (diff ** 2).mean()), ("pg_clipfrac", masked_mean(
-                                (pg2 > pg1).float(), pmask)), ("pg_loss", pg_loss), ("vf_loss", vf_loss),
-                                     ("vf_clipfrac", masked_mean((vf2 > vf1).float(), vmask)),
-                                     ("entropy", entropy.mean()), ("ratio", ratio.mean())):
-                            stats[k][epoch, mb, ga] = v
+        for epoch, mb, ga, idx, last in ppo_micro_batches(args.num_ppo_epochs, args.local_batch_size,
+                                                          args.local_mini_batch_size, args.per_device_train_batch_size):
+            t_idx = torch.as_tensor(idx, device=device)
+            acc.gradient_state._set_sync_gradients(last)
+            with nullcontext() if last else acc.no_sync(self.model):
+                inputs = self._inputs(b["samples"], list(idx), b["qr"][t_idx], b["mask"][t_idx], device)
+                logits, vpred = self.model(**inputs)
+                logits = self._mask_media(logits[:, L - 1:-1]) / temp
+                pmask, vmask = ~b["pad_mask"][t_idx], ~b["pad_mask_p1"][t_idx]
+                new_logprobs = selective_log_softmax(logits, b["responses"][t_idx]).masked_fill(~pmask, INVALID_LOGPROB)
+                vpred = vpred[:, L - 1:-1].masked_fill(~vmask, 0)
+                pg = clipped_policy_loss(new_logprobs, b["logprobs"][t_idx], b["advantages"][t_idx], pmask,
+                                         args.cliprange)
+                vf = clipped_value_loss(vpred, b["values"][t_idx], b["returns"][t_idx], vmask, args.cliprange_value)
+                acc.backward((pg.loss + args.vf_coef * vf.loss) * scale)
+            if last:  # under DeepSpeed these are no-ops: engine.step ran in acc.backward
+                if args.max_grad_norm and not self.is_deepspeed_enabled:
+                    acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            with torch.no_grad():
+                for k, v in (("approxkl", pg.approxkl), ("pg_clipfrac", pg.clipfrac), ("pg_loss", pg.loss),
+                             ("vf_loss", vf.loss), ("vf_clipfrac", vf.clipfrac),
+                             ("entropy", entropy_from_logits(logits).mean()), ("ratio", pg.ratio)):
+                    stats[k][epoch, mb, ga] = v
         acc.gradient_state._set_sync_gradients(True)
         return stats
+
+    # ---- sample generations ---------------------------------------------------------------------------
+    def _sample_generations_due(self) -> bool:
+        """TRL 1.12's schedule: after update 1, then every ``num_total_batches // num_sample_generations`` updates."""
+        k = self.args.num_sample_generations
+        if k <= 0 or self.eval_dataset is None:
+            return False
+        return (self.state.global_step - 1) % max(1, self.args.num_total_batches // k) == 0
+
+    @torch.no_grad()
+    def log_sample_generations(self) -> list[dict[str, Any]]:
+        """Greedy completions of the first ``per_device_eval_batch_size`` eval prompts, with their scores.
+
+        What TRL 1.12's ``generate_completions`` showed during training: the main process logs them as a table
+        and appends them to ``<output_dir>/sample_generations.jsonl`` (one record per prompt, with the step).
+        Training is unaffected: the RNG states are restored afterwards and the rewards' ``log_metric`` calls are
+        dropped. Every process runs it (generation and rewards may be collective), so it returns the records.
+        """
+        rows = [self.eval_dataset[i] for i in range(min(len(self.eval_dataset), self.args.per_device_eval_batch_size))]
+        device, pad = self.accelerator.device, self.tokenizer.pad_token_id
+        samples, queries, qmask = self._encode(rows)
+        queries, qmask = queries.to(device), qmask.to(device)
+        gen_kwargs = {"max_new_tokens": self.args.response_length, "do_sample": False,
+                      "suppress_tokens": self._suppress or None}
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        metrics, self._metrics = self._metrics, {}
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                responses, _ = self._generate(samples, queries, qmask, gen_kwargs)
+                if self.stop_token_id is not None:
+                    responses = truncate_after(responses, self.stop_token_id, pad)
+                lengths = first_true_indices(responses == pad) - 1
+                scores = self._scores(samples, queries, responses, lengths)
+        finally:
+            self._metrics = metrics
+        records = [{"step": self.state.global_step, "episode": self.state.episode,
+                    "prompt": self.tokenizer.decode(s["ids"], skip_special_tokens=True),
+                    "completion": self.tokenizer.decode(responses[i, : int(lengths[i]) + 1], skip_special_tokens=True),
+                    "score": float(scores[i])} for i, s in enumerate(samples)]
+        if self.is_world_process_zero():
+            table = "\n".join(f"  {r['score']:+.4f} | {r['prompt']!r} -> {r['completion']!r}" for r in records)
+            logger.info("sample generations at step %d (score | prompt -> completion):\n%s",
+                        self.state.global_step, table)
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, SAMPLES_FILE), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return records
 
     def _metrics_for(self, b: dict[str, Any], stats: dict[str, torch.Tensor], start: float) -> dict[str, float]:
         """TRL 1.12's metric names, averaged over ranks."""
@@ -532,6 +557,8 @@ class VLPPOTrainer(Trainer):
             if self.control.should_save:
                 self._save_checkpoint(self.model, trial=None)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self._sample_generations_due():
+                self.log_sample_generations()
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
@@ -569,57 +596,3 @@ class VLPPOTrainer(Trainer):
             missing, unexpected = module.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if "lm_head" not in k]:
                 raise RuntimeError(f"{folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-# ---- module helpers ---------------------------------------------------------------------------------------
-def _special_media_ids(config: Any) -> list[int]:
-    """Multimodal placeholder/marker token ids of a VLM config (image, video, vision start/end, BOI/EOI)."""
-    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "vision_start_token_id",
-             "vision_end_token_id", "boi_token_index", "eoi_token_index", "boi_token_id", "eoi_token_id")
-    ids = {getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)}
-    return sorted(i for i in ids if i >= 0)
-
-
-def _reference_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen copy of the policy. Under ZeRO-3 (parameters partitioned at load by ``zero3_init_flag``) a
-    ``deepcopy`` would duplicate DeepSpeed's partition bookkeeping (the copy's parameters are never gathered),
-    so the reference is re-loaded from the policy's checkpoint instead, as TRL's GRPO does."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
-    if not (partitioned or is_deepspeed_zero3_enabled()):
-        return copy.deepcopy(model)
-    path = getattr(model.config, "_name_or_path", "")
-    if not path or not Path(path).exists():
-        raise ValueError("under DeepSpeed ZeRO-3 the reference model is re-loaded from the policy's checkpoint: "
-                         "pass the policy as a saved path (or pass ref_model=)")
-    return _load_policy(path)
-
-
-def _load_policy(path: str) -> PreTrainedModel:
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.from_pretrained(path)
-    auto = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(path)
-
-
-def _reward_from_path(path: str | Path) -> Callable[..., list]:
-    from ..reward.trl import VLRMReward
-
-    return VLRMReward(path)
-
-
-def _default_value_model(args: VLPPOConfig, funcs: list) -> PreTrainedModel:
-    """The value model: ``args.value_model_path``, else the first VLRM reward's (or RM module's) checkpoint."""
-    path = args.value_model_path
-    for f in funcs if path is None else []:
-        model = f if isinstance(f, nn.Module) else getattr(getattr(f, "scorer", None), "model", None)
-        if model is not None and getattr(model.config, "_name_or_path", ""):
-            path = model.config._name_or_path
-            break
-    if not path:
-        raise ValueError("no value model: pass value_model=, set value_model_path, or use a VLRM reward")
-    import vlrm_rlhf.reward.modeling  # noqa: F401  (registers the VLRM classes with the Auto API)
-
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)

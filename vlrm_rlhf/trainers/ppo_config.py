@@ -14,7 +14,13 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-__all__ = ["VLPPOConfig"]
+from ..errors import VLRMError
+
+__all__ = ["PPOConfigError", "VLPPOConfig"]
+
+
+class PPOConfigError(VLRMError, ValueError):
+    """A PPO setting that is out of range, inconsistent with another, or not supported; the message names it."""
 
 
 @dataclass
@@ -36,13 +42,17 @@ class VLPPOConfig(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every dataset column (rewards use them)."})
     # PPO (TRL 1.12 PPOConfig fields and defaults)
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preprocessing."})
+    dataset_num_proc: int | None = field(default=None, metadata={
+        "help": "Kept for TRL 1.12 configs; must stay unset: prompts are processed per rollout batch, not by a "
+                "dataset map."})
     num_mini_batches: int = field(default=1, metadata={"help": "Number of minibatches to split a batch into."})
     total_episodes: int | None = field(default=None, metadata={"help": "Total number of episodes (prompts)."})
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Per-rank batch size of rollout generation and no-grad forwards."})
-    num_sample_generations: int = field(
-        default=10, metadata={"help": "Sample generations to log during training (0: none; needs eval_dataset)."})
+    num_sample_generations: int = field(default=10, metadata={
+        "help": "How many times to log greedy completions of the first per_device_eval_batch_size eval prompts "
+                "with their scores (after update 1, then every num_total_batches // this updates; appended to "
+                "<output_dir>/sample_generations.jsonl). 0: never; needs an eval_dataset."})
     response_length: int = field(default=53, metadata={"help": "Maximum number of generated tokens."})
     stop_token: Literal["eos"] | None = field(
         default=None, metadata={"help": "'eos' truncates responses at the tokenizer's eos token (one of stop_token*)."})
@@ -84,11 +94,17 @@ class VLPPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dataset_num_proc is not None:
+            raise PPOConfigError(
+                f"dataset_num_proc={self.dataset_num_proc}: VLPPOTrainer maps no dataset (each rollout batch's "
+                "prompts and images are processed when sampled), so there is nothing to parallelise: leave it unset")
+        if self.num_sample_generations < 0:
+            raise PPOConfigError(f"num_sample_generations must be >= 0, got {self.num_sample_generations}")
         if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', not {self.kl_estimator!r}")
+            raise PPOConfigError(f"kl_estimator must be 'k1' or 'k3', not {self.kl_estimator!r}")
         if self.stop_token is not None and self.stop_token_id is not None:
-            raise ValueError("set at most one of stop_token and stop_token_id")
+            raise PPOConfigError("set at most one of stop_token and stop_token_id")
         if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token must be 'eos' or None, not {self.stop_token!r}")
+            raise PPOConfigError(f"stop_token must be 'eos' or None, not {self.stop_token!r}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (PPO samples), got {self.temperature}")
+            raise PPOConfigError(f"temperature must be > 0 (PPO samples), got {self.temperature}")

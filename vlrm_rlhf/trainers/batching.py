@@ -1,18 +1,20 @@
-"""Tensor helpers of the PPO trainer: masked statistics, response truncation, per-sample multimodal slicing.
+"""Batching for the PPO trainer: prompt rows, per-sample multimodal slicing, data order and PPO micro-batches.
 
-Own implementations of the small functions TRL 1.12's PPO module defined and TRL 1.16 no longer ships
-(``masked_mean``/``masked_var``/``masked_whiten``, ``truncate_response``), plus what PPO on vision-language
-policies adds: prompts are encoded one sample at a time and the image tensors of any subset of samples
-(a rollout chunk, a PPO micro-batch) are re-assembled with :func:`collate_visual`.
+Prompts are encoded one sample at a time and the image tensors of any subset of samples (a rollout chunk, a PPO
+micro-batch) are re-assembled with :func:`collate_visual`; :class:`EpochSampler` and :func:`ppo_micro_batches`
+fix the data order and the minibatch permutations exactly as TRL 1.12's PPO drew them. Also TRL 1.12's
+``truncate_response`` (TRL 1.16 no longer ships it) as :func:`truncate_after`. The PPO maths is in
+:mod:`~vlrm_rlhf.trainers.ppo_math`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,39 +22,11 @@ with warnings.catch_warnings():  # TRL warns on any trl.experimental import
     warnings.simplefilter("ignore")
     from trl.experimental.utils import first_true_indices
 
-__all__ = ["TEXT_KEYS", "EpochSampler", "collate_visual", "columns", "count_image_blocks", "repeat", "row_images",
-           "strip_images", "masked_mean", "masked_var", "masked_whiten", "truncate_after",
-           "uses_own_positions"]
+__all__ = ["TEXT_KEYS", "EpochSampler", "MicroBatch", "collate_visual", "columns", "count_image_blocks",
+           "ppo_micro_batches", "repeat", "row_images", "strip_images", "truncate_after", "uses_own_positions"]
 
 # Per-token keys that are padded with the prompt (everything else a processor returns is image data)
 TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is true (over everything, or along ``axis``)."""
-    mask = mask.to(values.dtype)
-    if axis is None:
-        return (values * mask).sum() / mask.sum()
-    return (values * mask).sum(axis) / mask.sum(axis)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over the masked entries (Bessel-corrected by default, as TRL 1.12 did)."""
-    centered = values - masked_mean(values, mask)
-    var = masked_mean(centered * centered, mask)
-    if unbiased:
-        n = mask.sum()
-        if n <= 1:
-            raise ValueError("whitening needs at least 2 unmasked values: increase the (mini)batch size")
-        var = var * (n / (n - 1))
-    return var
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Standardise ``values`` with the masked mean and variance (keep the mean when ``shift_mean`` is false)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    out = (values - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
 
 
 def truncate_after(responses: torch.Tensor, stop_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -146,6 +120,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def row_images(row: dict[str, Any], i: int) -> list[Any]:
+    """The images of dataset row ``i`` (``images`` list or single ``image``; paths opened as RGB)."""
     images = row.get("images")
     if images is None:
         images = [] if row.get("image") is None else [row["image"]]
@@ -159,6 +134,7 @@ def row_images(row: dict[str, Any], i: int) -> list[Any]:
 
 
 def count_image_blocks(prompt: Any) -> int:
+    """Number of ``{"type": "image"}`` blocks in a conversational prompt (0 for plain text)."""
     if isinstance(prompt, str):
         return 0
     return sum(1 for m in prompt if isinstance(m.get("content"), list)
@@ -186,3 +162,30 @@ def repeat(loader: Any):
     """Iterate over ``loader`` forever (a new epoch, hence a new shuffle, each time it is exhausted)."""
     while True:
         yield from loader
+
+
+class MicroBatch(NamedTuple):
+    """One PPO micro-batch: where it sits in the (epoch, minibatch, micro-batch) grid, its rows, and whether it is
+    the last of its minibatch (the optimizer steps after it)."""
+
+    epoch: int
+    minibatch: int
+    micro: int
+    indices: np.ndarray
+    last: bool
+
+
+def ppo_micro_batches(num_epochs: int, batch_size: int, mini_batch_size: int, micro_batch_size: int
+                      ) -> Iterator[MicroBatch]:
+    """The micro-batches of ``num_epochs`` PPO epochs over a rollout of ``batch_size`` rows, in training order.
+
+    Each epoch draws one ``np.random.permutation(batch_size)`` (numpy's global RNG, as TRL 1.12 did), lazily, when
+    its first micro-batch is requested; minibatches are consecutive slices of it, micro-batches slices of those.
+    """
+    for epoch in range(num_epochs):
+        order = np.random.permutation(batch_size)
+        for mb, start in enumerate(range(0, batch_size, mini_batch_size)):
+            mini = order[start:start + mini_batch_size]
+            for ga, mstart in enumerate(range(0, mini_batch_size, micro_batch_size)):
+                yield MicroBatch(epoch, mb, ga, mini[mstart:mstart + micro_batch_size],
+                                 mstart + micro_batch_size >= mini_batch_size)

@@ -1,0 +1,235 @@
+"""Sparsifiers of the task-arithmetic family: which entries of a task vector survive before merging.
+
+mergekit 0.1.5's four pruning rules, kept apart from the merge kernels as mergekit keeps its ``sparsify.py``:
+top-k by magnitude (TIES), magnitude outliers (breadcrumbs), Bernoulli (DARE) and DELLA's rank-dependent
+Bernoulli (magprune). Also the chunking every kernel shares: work is done in chunks of ``_CHUNK`` elements so
+peak memory stays near one output tensor, and top-k uses a sampled threshold band plus an exact ``kthvalue``
+instead of a sort. Pure tensor code, no I/O; inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunks", "flat",
+           "topk_magnitude_mask"]
+
+_CHUNK = 1 << 20  # elements per work chunk (tests shrink it to exercise the multi-chunk paths)
+_SAMPLE = 1 << 18  # sample size used to bracket a top-k threshold
+_MARGIN = (5.0, 8)  # bracket half-width: sample-quantile sigmas + slack positions ((0, 0) forces retries)
+
+
+# ------------------------------------------------------------------------------------------- chunking
+def _spans(n: int) -> range:
+    """Start offsets of the work chunks of a flat tensor of ``n`` elements."""
+    return range(0, n, _CHUNK)
+
+
+def chunks(n: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each work chunk of a flat tensor of ``n`` elements (the chunk size read per call)."""
+    size = _CHUNK
+    for s in range(0, n, size):
+        yield s, min(s + size, n)
+
+
+def flat(t: Tensor) -> Tensor:
+    """``t`` as one dimension: a view for contiguous (e.g. memory-mapped) tensors."""
+    return t.reshape(-1)
+
+
+def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype) -> Tensor:
+    """A fresh chunk m[s:e] - b[s:e] in `dtype` (a copy of m[s:e] when there is no base)."""
+    return m[s:e].to(dtype, copy=True) if b is None else torch.sub(m[s:e].to(dtype), b[s:e].to(dtype))
+
+
+class _TopK:
+    """Exact top-k of |x|: |x| >= tau, minus the first `excess` elements (index order) equal to tau
+    when more tie at tau than k allows; `drop` holds their indices when known, `l1` the kept L1 norm."""
+
+    def __init__(self, tau: float, dtype: torch.dtype, excess=0, l1=0.0, drop: Tensor | None = None):
+        self.tau, self.excess, self.l1, self.drop = tau, excess, l1, drop
+        self.exact = excess > 0 and tau != 0  # merging may keep extra zeros: they contribute nothing
+        down = torch.tensor([tau, -math.inf], dtype=dtype)
+        self.lam = torch.nextafter(down[0], down[1]).item()  # in `dtype`: |x| > lam <=> |x| >= tau
+
+    def mask(self, a: Tensor) -> Tensor:
+        """Bool keep-mask for the next chunk of |x| (chunks must come in order, once)."""
+        keep = a >= self.tau
+        if self.excess > 0:
+            eq = (a == self.tau).nonzero().squeeze(1)[: self.excess]
+            keep[eq] = False
+            self.excess -= eq.numel()
+        return keep
+
+    def part(self, s: int, e: int, d: Tensor) -> Tensor:
+        """The chunk d = x[s:e] with unselected entries zeroed (a new tensor; chunks in order, once)."""
+        if self.exact and self.drop is None:
+            return d * self.mask(d.abs())
+        out = F.hardshrink(d, self.lam)
+        if self.exact and self.drop is not None:
+            i0, i1 = torch.searchsorted(self.drop, torch.tensor([s, e], dtype=self.drop.dtype)).tolist()
+            out[self.drop[i0:i1].long() - s] = 0
+        return out
+
+
+def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool
+          ) -> tuple[list[_TopK], float]:
+    """Select the k largest |m - b| for each k without sorting: bracket the threshold with order statistics
+    of a random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
+    Also returns |m - b|_1 when `want_l1` (else 0)."""
+    n = m.numel()
+    itype = torch.int32 if n < 2**31 else torch.int64
+    jobs: dict[int, tuple[float, float]] = {}
+    if n > _CHUNK:  # sample with a private generator: deterministic, and the caller's RNG is untouched
+        idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
+        smp = _delta(m[idx], None if b is None else b[idx], 0, _SAMPLE, dtype).abs_()  # unsorted: kthvalue picks
+    for j, k in enumerate(ks):
+        if 0 < k < n and n > _CHUNK:
+            q, p = k / n, (n - k) / n * _SAMPLE
+            margin = _MARGIN[0] * math.sqrt(_SAMPLE * q * (1 - q)) + _MARGIN[1]
+            lo, hi = math.floor(p - margin), math.ceil(p + margin)
+            jobs[j] = (torch.kthvalue(smp, lo + 1).values.item() if lo >= 0 else -math.inf,
+                       torch.kthvalue(smp, hi + 1).values.item() if hi < _SAMPLE else math.inf)
+        elif 0 < k < n:
+            jobs[j] = (-math.inf, math.inf)
+    out: list[_TopK | None] = [None] * len(ks)
+    total, first = 0.0, want_l1
+    while jobs or first:
+        above, l1_above = dict.fromkeys(jobs, 0), dict.fromkeys(jobs, 0.0)
+        vals, idxs, count = {j: [] for j in jobs}, {j: [] for j in jobs}, dict.fromkeys(jobs, 0)
+        for s in _spans(n):
+            a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
+            total += float(a.sum()) if first else 0.0
+            for j, (lo, hi) in jobs.items():
+                gt = a > hi
+                above[j] += int(torch.count_nonzero(gt))
+                l1_above[j] += float(F.hardshrink(a, hi).sum()) if want_l1 else 0.0
+                band = (a >= lo).logical_and_(gt.logical_not_())
+                if lo == hi:  # every band value equals lo: counting is enough
+                    count[j] += int(torch.count_nonzero(band))
+                else:
+                    at = band.nonzero().squeeze(1)
+                    vals[j].append(a[at])
+                    idxs[j].append(at.add_(s).to(itype))
+        first = False
+        for j, (lo, hi) in list(jobs.items()):
+            band = torch.cat(vals.pop(j)) if lo != hi else torch.full((count[j],), lo, dtype=dtype)
+            r = ks[j] - above[j]  # how many to take from the band
+            if r <= 0:  # the sample misplaced the bracket (rare): retry on the side that holds tau
+                jobs[j] = (hi, math.inf)
+            elif r > band.numel():
+                jobs[j] = (-math.inf, lo)
+            else:
+                tau = torch.kthvalue(band, band.numel() - r + 1).values
+                gt, eq = band > tau, band == tau
+                ties = r - int(torch.count_nonzero(gt))  # elements equal to tau that belong to the top k
+                excess = int(torch.count_nonzero(eq)) - ties
+                drop = torch.cat(idxs[j])[eq][:excess] if lo != hi and tau != 0 else None
+                l1 = l1_above[j] + float(band[gt].sum()) + ties * tau.item() if want_l1 else 0.0
+                out[j] = _TopK(tau.item(), dtype, excess, l1, drop)
+                del jobs[j]
+    sels = [o if o is not None else _TopK(math.inf, dtype) if k <= 0 else _TopK(-1.0, dtype, 0, total)
+            for o, k in zip(out, ks, strict=True)]
+    return sels, total
+
+
+def topk_magnitude_mask(x: Tensor, k: int) -> Tensor:
+    """Bool mask of the k largest |x| (ties broken by index); what TIES keeps for k = max(1, density*n)."""
+    v = flat(x)
+    (sel,), _ = _topk(v, None, [k], torch.float64 if x.dtype == torch.float64 else torch.float32, False)
+    return torch.cat([sel.mask(v[s : s + _CHUNK].abs()) for s in _spans(v.numel())]).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------- sparsifiers
+# Each takes the flat model and base tensors (m, b), the model's filled parameters p, the compute dtype, the
+# generator, the tensor's original shape and want_l1, and returns (apply, kept_l1, total_l1):
+# apply(s, e, delta chunk) -> pruned chunk, called once per chunk in order; the L1 norms of the kept part and
+# of the whole delta (only computed when `want_l1`) feed rescale "l1".
+Apply = Callable[[int, int, Tensor], Tensor]
+Sparsified = tuple[Apply, float, float]
+
+
+def magnitude(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, gen: torch.Generator | None,
+              shape: torch.Size, want_l1: bool) -> Sparsified:
+    """TIES pruning: keep the max(1, int(density * n)) largest-magnitude entries."""
+    (sel,), total = _topk(m, b, [max(1, int(p["density"] * m.numel()))], dtype, want_l1)
+    return sel.part, sel.l1, total
+
+
+def outliers(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, gen: torch.Generator | None,
+             shape: torch.Size, want_l1: bool) -> Sparsified:
+    """Breadcrumbs pruning: ascending-magnitude ranks [n_bot, n_bot + int(density*n)) survive,
+    n_bot = max(0, n - int(density*n) - int(gamma*n)); i.e. the top int(gamma*n) are dropped too."""
+    n = m.numel()
+    keep_n, top_n = int(p["density"] * n), int(p["gamma"] * n)
+    drop_top = n - max(0, n - keep_n - top_n) - keep_n
+    (upto, over), total = _topk(m, b, [keep_n + drop_top, drop_top], dtype, want_l1)
+
+    def apply(s: int, e: int, d: Tensor) -> Tensor:  # top (keep_n + drop_top) minus top drop_top: exact
+        return upto.part(s, e, d).sub_(over.part(s, e, d))
+
+    return apply, upto.l1 - over.l1, total
+
+
+def bernoulli(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, gen: torch.Generator | None,
+              shape: torch.Size, want_l1: bool) -> Sparsified:
+    """DARE pruning: keep each entry independently with probability density (mask from `gen`)."""
+    n, d = m.numel(), p["density"]
+    mask = torch.empty(n, dtype=torch.bool)
+    for s in _spans(n):
+        torch.lt(torch.rand(min(_CHUNK, n - s), generator=gen, dtype=dtype), d, out=mask[s : s + _CHUNK])
+    return _masked_keep(m, b, mask, dtype, want_l1)
+
+
+def magprune(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, gen: torch.Generator | None,
+             shape: torch.Size, want_l1: bool) -> Sparsified:
+    """DELLA pruning: keep probability rises linearly, density-eps to density+eps, with the magnitude
+    rank along dim 1 (1-D tensors: one row), like mergekit; a single column gets probability density."""
+    d, eps = p["density"], p["epsilon"]
+    x = torch.sub(m.to(dtype), b.to(dtype)).reshape(shape)
+    moved = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)  # rank along the last axis
+    cols = moved.shape[-1]
+    rows = moved.abs().reshape(-1, cols)
+    ranks = torch.arange(cols, dtype=dtype).div_(cols - 1) if cols > 1 else torch.full((1,), 0.5, dtype=dtype)
+    mask = torch.empty(rows.shape, dtype=torch.bool)
+    step = max(1, _CHUNK // cols)
+    for r in range(0, rows.shape[0], step):
+        blk = rows[r : r + step]
+        prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
+        mask[r : r + step] = torch.bernoulli(prob.mul_(2 * eps).add_(d - eps), generator=gen).bool()
+    mask = mask.reshape(moved.shape) if x.dim() < 2 else mask.reshape(moved.shape).movedim(-1, 1)
+    return _masked_keep(flat(x), None, mask.reshape(-1), dtype, want_l1)
+
+
+def _masked_keep(m: Tensor, b: Tensor | None, mask: Tensor, dtype: torch.dtype, want_l1: bool) -> Sparsified:
+    """Keep the entries of ``m - b`` where ``mask`` is true; L1 norms of kept and whole when asked."""
+    kept = total = 0.0
+    for s in _spans(m.numel()) if want_l1 else ():
+        a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
+        total += float(a.sum())
+        kept += float(torch.dot(a, mask[s : s + _CHUNK].to(dtype)))
+    return (lambda s, e, d: d.mul_(mask[s:e])), kept, total
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """A pruning rule as the registry sees it: mergekit's name, the function, whether it draws random numbers
+    (then the merge needs a seeded generator) and the per-model parameters it adds, with their defaults."""
+
+    name: str
+    fn: Callable[..., Sparsified]
+    stochastic: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+MAGNITUDE = Sparsifier("magnitude", magnitude)
+OUTLIERS = Sparsifier("magnitude_outliers", outliers, params={"gamma": 0.01})
+BERNOULLI = Sparsifier("random", bernoulli, stochastic=True)
+MAGPRUNE = Sparsifier("della_magprune", magprune, stochastic=True, params={"epsilon": 0.15})
