@@ -35,8 +35,8 @@ def merge(
     from .merge import MergeError, RecipeError, build
     from .merge.checkpoint import CheckpointError
     from .merge.embeddings import VocabularyError
-    from .merge.families import UnknownFamilyError
     from .merge.writer import OutputExistsError
+    from .models.families import UnknownFamilyError
 
     warnings.showwarning = _show_warning
     try:
@@ -50,7 +50,7 @@ def merge(
 @app.command()
 def families() -> None:
     """List the supported LVLM families."""
-    from .merge.families import FAMILIES
+    from .models.families import FAMILIES
 
     for f in FAMILIES.values():
         typer.echo(f"{f.model_type:12s} {f.display:28s} {f.lvlm_class} / {f.seq_cls}")
@@ -234,8 +234,8 @@ def sweep(
     from .merge import MergeError, RecipeError, parse_recipe
     from .merge.checkpoint import CheckpointError
     from .merge.embeddings import VocabularyError
-    from .merge.families import UnknownFamilyError
     from .merge.writer import OutputExistsError
+    from .models.families import UnknownFamilyError
     from .reward.inputs import InputError
     from .reward.scorer import ScorerError
 

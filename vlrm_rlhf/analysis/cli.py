@@ -27,8 +27,8 @@ def _errors() -> tuple[type[Exception], ...]:
     from ..merge import MergeError, RecipeError
     from ..merge.checkpoint import CheckpointError
     from ..merge.embeddings import VocabularyError
-    from ..merge.families import UnknownFamilyError
     from ..merge.writer import OutputExistsError
+    from ..models.families import UnknownFamilyError
     from ..reward.inputs import InputError
     from . import AnalysisError
     from .tasks import TaskError

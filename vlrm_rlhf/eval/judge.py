@@ -87,7 +87,7 @@ class LVLMJudge:
         """Load a generative LVLM directory (``AutoModelForImageTextToText`` + its processor) as a judge."""
         from transformers import AutoModelForImageTextToText
 
-        from ..reward.processing import load_processor
+        from ..models.processing import load_processor
 
         path = Path(path)
         if not (path / "config.json").is_file():

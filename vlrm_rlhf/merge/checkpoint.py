@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .families import Family, get_family
+from ..errors import VLRMError
+from ..models.families import Family, get_family
 
 Role = Literal["base", "lvlm", "rm", "llm"]
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -27,7 +28,7 @@ PICKLE = "pytorch_model.bin"
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VLRMError, ValueError):
     """A checkpoint that cannot be merged; the message names the file or tensor at fault."""
 
 

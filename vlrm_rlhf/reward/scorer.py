@@ -145,9 +145,9 @@ class VLRewardScorer:
             AutoTokenizer,
         )
 
-        from ..merge.families import get_family
-        from . import modeling  # noqa: F401  (registers the VLRM classes)
-        from .processing import load_processor
+        from ..models import modeling  # noqa: F401  (registers the VLRM classes)
+        from ..models.families import get_family
+        from ..models.processing import load_processor
 
         path = Path(path)
         if not (path / "config.json").is_file():
