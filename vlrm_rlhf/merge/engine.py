@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import VLRMError
 from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
 from .embeddings import OutputVocab, RowPlan, Vocab, build_output_vocab, gather_rows, plan_rows
@@ -39,7 +40,7 @@ _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfl
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 
 
-class MergeError(ValueError):
+class MergeError(VLRMError, ValueError):
     """A merge that cannot proceed; the message names the tensor and models at fault."""
 
 

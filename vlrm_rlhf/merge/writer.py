@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
+from ..errors import VLRMError
+
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -25,7 +27,7 @@ _DTYPE_NAMES = {
 }
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(VLRMError, FileExistsError):
     """The output directory exists and ``force`` was not given."""
 
 
