@@ -201,7 +201,7 @@ PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text
 def lvlm(zoo):
     from transformers import AutoModelForImageTextToText
 
-    from vlrm_rlhf.reward.processing import load_processor
+    from vlrm_rlhf.models.processing import load_processor
     from vlrm_rlhf.testing.zoo import demo_image
 
     trio = zoo("llava")
@@ -269,7 +269,7 @@ def test_judge_errors_and_template_fallback(lvlm, tmp_path):
     with pytest.raises(JudgeError, match="is a reward model"):
         LVLMJudge.from_pretrained(trio["rm"])
     # a template whose generation prompt is not a prefix of the conversation: falls back with a warning
-    from vlrm_rlhf.reward.processing import load_processor
+    from vlrm_rlhf.models.processing import load_processor
 
     odd = load_processor(trio["lvlm"])
     odd.chat_template = proc.chat_template.replace("{{ message['role'] }} :", "{{ message['role'] }}:")

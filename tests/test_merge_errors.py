@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from vlrm_rlhf.files import OutputExistsError
 from vlrm_rlhf.merge import MergeError, RecipeError, build, parse_recipe
 from vlrm_rlhf.merge.embeddings import VocabularyError
-from vlrm_rlhf.merge.families import UnknownFamilyError
+from vlrm_rlhf.models.families import UnknownFamilyError
 
 
 def copy_model(src: Path, dst: Path) -> Path:

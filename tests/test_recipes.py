@@ -267,7 +267,7 @@ def ppo_weights(out: Path) -> dict[str, dict]:
     """Saved policy and value-model parameters, by loaded-module name (ZeRO-3 saves other key names)."""
     from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    import vlrm_rlhf.reward.modeling  # noqa: F401  (registers the VLRM classes)
+    import vlrm_rlhf.models.modeling  # noqa: F401  (registers the VLRM classes)
 
     return {"policy": dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters()),
             "value": dict(AutoModelForSequenceClassification.from_pretrained(out / "value_model").named_parameters())}

@@ -11,7 +11,7 @@ import torch
 from _helpers import recipe
 
 from vlrm_rlhf.merge import build
-from vlrm_rlhf.merge.families import UnknownFamilyError
+from vlrm_rlhf.models.families import UnknownFamilyError
 from vlrm_rlhf.reward.inputs import InputError
 from vlrm_rlhf.reward.scorer import FIXED_DATE, ScorerError, VLRewardScorer, render
 from vlrm_rlhf.testing.zoo import FAMILIES, demo_image
@@ -219,7 +219,7 @@ def test_wrapping_an_lvlm_only_misses_the_score_head(zoo, family, layout):
     """The silent random-init trap: our classes must apply the family's renaming rules (hub layout)."""
     from transformers import AutoModelForImageTextToText
 
-    from vlrm_rlhf.reward.modeling import vlrm_from_lvlm
+    from vlrm_rlhf.models.modeling import vlrm_from_lvlm
 
     trio = zoo(family, layout)
     vlrm = vlrm_from_lvlm(str(trio["lvlm"]))
@@ -234,7 +234,7 @@ def test_wrapping_an_lvlm_only_misses_the_score_head(zoo, family, layout):
 def test_wrapping_refuses_a_checkpoint_whose_language_model_would_be_random(zoo, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from vlrm_rlhf.reward.modeling import LoadingError, vlrm_from_lvlm
+    from vlrm_rlhf.models.modeling import LoadingError, vlrm_from_lvlm
 
     src = zoo("qwen2_vl", "hub")["lvlm"]
     bad = tmp_path / "lvlm"

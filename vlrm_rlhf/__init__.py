@@ -7,8 +7,8 @@ import TRL.
 
 from typing import Any
 
-from . import reward  # noqa: F401  (registers VLRM classes)
 from .merge import build, parse_recipe
+from .models import modeling  # noqa: F401  (registers VLRM classes)
 
 __version__ = "0.1.0"
 __all__ = ["VLRMReward", "build", "parse_recipe", "reward_funcs", "__version__"]
@@ -17,7 +17,7 @@ __all__ = ["VLRMReward", "build", "parse_recipe", "reward_funcs", "__version__"]
 def __getattr__(name: str) -> Any:
     """Lazy exports: ``reward_funcs`` and ``VLRMReward`` live in ``vlrm_rlhf.reward.trl``."""
     if name in ("reward_funcs", "VLRMReward"):
-        from .reward import trl as _trl
+        from .reward import trl
 
-        return getattr(_trl, name)
+        return getattr(trl, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -145,11 +145,11 @@ def best_of_n(
 
 def _encode_prompt(processor: Any, messages: list[dict], images: list, device: torch.device) -> dict[str, Any]:
     """Model inputs for one prompt with its generation prompt, rendered as the scorer renders (fixed date)."""
-    from .reward.scorer import _date_kwargs
+    from .reward.scorer import date_kwargs
 
     owner = processor if getattr(processor, "chat_template", None) is not None else getattr(processor, "tokenizer", processor)
     if getattr(owner, "chat_template", None) is not None:
-        text = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **_date_kwargs(owner))
+        text = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **date_kwargs(owner))
         special = False  # the template writes BOS itself where the model wants one (as apply_chat_template does)
     else:
         text = "\n".join(" ".join(b["text"] for b in m["content"] if b.get("type") == "text") for m in messages)

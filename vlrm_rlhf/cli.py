@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import typer
 
+from .analysis.cli import analyze_app
+from .cli_common import check_mode, handled, install_warning_hook, load_scorer, run_rerank
+from .eval.cli import eval_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-language RLHF with merged rewards.")
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+app.add_typer(eval_app, name="eval")  # light: the eval commands import their dependencies when run
+app.add_typer(analyze_app, name="analyze")  # light: the analyses import their dependencies when run
 
 
 @app.command()
@@ -32,25 +28,19 @@ def merge(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
 ) -> None:
     """Merge checkpoints into a VLRM (output: vlrm) or a merged LVLM (output: lvlm)."""
-    from .files import OutputExistsError
-    from .merge import MergeError, RecipeError, build
-    from .merge.checkpoint import CheckpointError
-    from .merge.embeddings import VocabularyError
-    from .merge.families import UnknownFamilyError
+    from .merge import build
 
-    warnings.showwarning = _show_warning
-    try:
+    install_warning_hook()
+    with handled():
         path = build(recipe, out, force=force, dtype=dtype, seed=seed, allow_pickle=allow_pickle,
                      max_shard_size=max_shard_size)
-    except (MergeError, RecipeError, CheckpointError, VocabularyError, UnknownFamilyError, OutputExistsError) as e:
-        _fail(str(e))
     typer.echo(f"wrote {path}")
 
 
 @app.command()
 def families() -> None:
     """List the supported LVLM families."""
-    from .merge.families import FAMILIES
+    from .models.families import FAMILIES
 
     for f in FAMILIES.values():
         typer.echo(f"{f.model_type:12s} {f.display:28s} {f.lvlm_class} / {f.seq_cls}")
@@ -67,7 +57,7 @@ def demo(
     """ShapesWorld end to end: train base/LVLM/text RM, merge, evaluate, sweep λ, best-of-n, PPO, report."""
     from .demo.run import run_demo
 
-    warnings.showwarning = _show_warning
+    install_warning_hook()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     rep = run_demo(work_dir, seed=seed, quick=quick, with_reasoning=with_reasoning)
     acc, best = rep["accuracy"], rep["best_merge"]
@@ -77,30 +67,6 @@ def demo(
 
 
 # ---- reward scoring of JSONL files: rerank (best-of-n evaluation) and score ---------------------------------
-_MODES = ("vlrm", "no_image", "text_rm", "cascade")
-
-
-def _check_mode(mode: str, lvlm: Path | None) -> None:
-    """Exit 2 unless --mode and --lvlm go together."""
-    if mode not in _MODES:
-        _fail(f"unknown --mode {mode!r}: use {', '.join(_MODES)}")
-    if lvlm is not None and mode != "cascade":
-        _fail("--lvlm is only used with --mode cascade")
-    if mode == "cascade" and lvlm is None:
-        _fail("--mode cascade needs --lvlm DIR (the LVLM that captions the images)")
-
-
-def _load_scorer(model: Path, mode: str, lvlm: Path | None):
-    """The scorer for --model/--mode/--lvlm, or exit 2 with the reason."""
-    from .reward.scorer import ScorerError, VLRewardScorer
-
-    try:
-        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm)
-    except (ScorerError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _fail(f"cannot load reward model {model} (mode {mode}): {reason}")
-
-
 @app.command()
 def rerank(
     input: Path = typer.Option(..., "--input", "-i", help="Best-of-n JSONL (id, input, responses, correctness)."),
@@ -120,7 +86,7 @@ def rerank(
     """
     import json
 
-    metrics, dt = _rerank_file(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n)
+    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n)
     k = metrics["n"]
     typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
                f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
@@ -131,50 +97,6 @@ def rerank(
     if out is not None:
         typer.echo(f"wrote {out}")
     typer.echo(json.dumps({k_: round(v, 4) if isinstance(v, float) else v for k_, v in metrics.items()}))
-
-
-def _rerank_file(input: Path, model: Path, mode: str, lvlm: Path | None, images_dir: Path | None, image_key: str,
-                 out: Path | None, force: bool, batch_size: int, n: int | None) -> tuple[dict, float]:
-    """Validate a best-of-n JSONL file, score it, write the scored rows to ``out`` (if given) and return the
-    metrics and the scoring time; exit 2 with the reason on bad input (shared by rerank and eval bon)."""
-    import time
-
-    from . import bon
-    from .bon import RecordError
-    from .files import FileFormatError, check_writable, read_jsonl, write_jsonl_atomic
-
-    warnings.showwarning = _show_warning
-    _check_mode(mode, lvlm)
-    try:
-        if out is not None:
-            check_writable(out, force)
-        if images_dir is not None and not images_dir.is_dir():
-            raise RecordError(f"--images-dir {images_dir} is not a folder")
-        lines = read_jsonl(input)
-        records = [r for _, r in lines]
-        names = [f"{input} line {ln}" + (f" (id {r['id']})" if "id" in r else "") for ln, r in lines]
-        paths = []
-        for i, (name, rec) in enumerate(zip(names, records, strict=True)):
-            bon.check_record(i, rec, n, where=name)
-            path = None if mode in bon.TEXT_MODES else bon.find_row_image(rec, name, input.parent, images_dir, image_key)
-            if path is None and mode not in bon.TEXT_MODES:
-                raise RecordError(f"{name}: no image, and --mode {mode} needs one per row: give --images-dir "
-                                  f"(files named {{{image_key}}}.jpg|.png) or an 'image' path in each row, "
-                                  "or score text only with --mode text_rm|no_image")
-            paths.append(path)
-    except (RecordError, FileFormatError, OSError) as e:
-        _fail(str(e))
-    scorer = _load_scorer(model, mode, lvlm)
-    t0 = time.perf_counter()
-    try:
-        scores = bon.score_bon_rows(scorer, records, paths, n=n, batch_size=batch_size, names=names)
-        it = iter(scores)  # rerank_records asks for the rows' scores in order: hand over the precomputed ones
-        rows, metrics = bon.rerank_records(records, lambda rec, resp: next(it), n=n)
-        if out is not None:
-            write_jsonl_atomic(rows, out, force=force)
-    except (RecordError, OSError) as e:
-        _fail(str(e))
-    return metrics, time.perf_counter() - t0
 
 
 @app.command()
@@ -189,26 +111,21 @@ def score(
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
     from . import bon
-    from .bon import RecordError
-    from .files import FileFormatError, check_writable, read_jsonl, write_jsonl_atomic
+    from .files import check_writable, read_jsonl, write_jsonl_atomic
 
-    warnings.showwarning = _show_warning
-    _check_mode(mode, lvlm)
-    try:
+    install_warning_hook()
+    check_mode(mode, lvlm)
+    with handled(OSError):
         check_writable(out, force)
         lines = read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
         paths = [[] if mode in bon.TEXT_MODES else bon.row_image_paths(r, nm, input.parent)
                  for nm, r in zip(names, records, strict=True)]
-    except (RecordError, FileFormatError, OSError) as e:
-        _fail(str(e))
-    scorer = _load_scorer(model, mode, lvlm)
-    try:
+    scorer = load_scorer(model, mode, lvlm)
+    with handled(OSError):
         rewards = bon.score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
-    except (RecordError, OSError) as e:
-        _fail(str(e))
     typer.echo(f"wrote {out} ({len(rewards)} rows, mean reward {sum(rewards) / len(rewards):+.4f})")
 
 
@@ -230,40 +147,24 @@ def sweep(
 ) -> None:
     """Merge every grid point in memory, score preference accuracy on --data, write a CSV and a plot."""
     from .eval.records import load_pref_records
-    from .eval.sweep import SweepError, check_grid, parse_grid, sweep_prefs
-    from .files import OutputExistsError
-    from .merge import MergeError, RecipeError, parse_recipe
-    from .merge.checkpoint import CheckpointError
-    from .merge.embeddings import VocabularyError
-    from .merge.families import UnknownFamilyError
-    from .reward.inputs import InputError
-    from .reward.scorer import ScorerError
+    from .eval.sweep import check_grid, parse_grid, sweep_prefs
+    from .merge import parse_recipe
 
-    warnings.showwarning = _show_warning
-    try:
+    install_warning_hook()
+    with handled(OSError):
         r = parse_recipe(recipe)
         g = parse_grid(grid)
         check_grid(r, g)  # bad keys fail before the data and models load
         records = load_pref_records(data, images_dir=images_dir)
         rows = sweep_prefs(r, g, records, out_dir=out, metric=metric, save_best=save_best, seed=seed, force=force)
-    except (SweepError, RecipeError, MergeError, CheckpointError, VocabularyError, UnknownFamilyError,
-            OutputExistsError, InputError, ScorerError, OSError) as e:
-        _fail(str(e))
     best = max(rows, key=lambda row: row[metric])
     point = ", ".join(f"{k}={best[k]:g}" for k in g)
     typer.echo(f"{len(rows)} points on {len(records)} pairs; best {metric} {best[metric]:.4f} at {point}")
     typer.echo(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}" + (f"; best merge in {save_best}" if save_best else ""))
 
 
-from .eval.cli import eval_app  # noqa: E402  (light: the eval commands import their dependencies when run)
-
-app.add_typer(eval_app, name="eval")
-from .analysis.cli import analyze_app  # noqa: E402  (light: the analyses import their dependencies when run)
-
-app.add_typer(analyze_app, name="analyze")
-
-
 def main() -> None:
+    """Entry point of the ``vlrm-rlhf`` script: warnings-level logging on stderr, then the Typer app."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     app()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from trl import ScriptArguments
 
+from .errors import VLRMError
 from .reward.inputs import make_sample
 
 __all__ = ["DataError", "RewardScriptArguments", "RewardLengthError", "check_reward_model", "checked_reward", "explain_batch_error",
@@ -29,11 +30,11 @@ __all__ = ["DataError", "RewardScriptArguments", "RewardLengthError", "check_rew
 IMAGE_COLUMNS = ("images", "image")
 
 
-class DataError(ValueError):
+class DataError(VLRMError, ValueError):
     """A training dataset or setup that cannot be trained on; the message names the row or the setting."""
 
 
-class RewardLengthError(ValueError):
+class RewardLengthError(VLRMError, ValueError):
     """A reward function returned a number of rewards other than one per completion."""
 
 

@@ -6,6 +6,8 @@ and cosines per layer and module), ``ablate`` (knock a layer's attention/MLP out
 ``outputs`` (atomic output folders) and ``cli``. Kept import-free so the CLI stays fast to start.
 """
 
+from ..errors import VLRMError
 
-class AnalysisError(ValueError):
+
+class AnalysisError(VLRMError, ValueError):
     """Inputs an analysis cannot use; the message names the model, tensor, file or option."""

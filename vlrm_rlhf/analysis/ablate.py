@@ -34,7 +34,7 @@ def load_lvlm(path: str | Path, dtype: torch.dtype | None = None):
     import transformers
 
     from ..merge.checkpoint import CheckpointError
-    from ..reward.processing import load_processor
+    from ..models.processing import load_processor
 
     cfg = Path(path) / "config.json"
     data = json.loads(cfg.read_text()) if cfg.is_file() else {}

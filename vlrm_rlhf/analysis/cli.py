@@ -6,47 +6,23 @@ non-empty folder is refused without ``--force``. Bad inputs exit with status 2 a
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from ..cli_common import handled, install_warning_hook
+
 analyze_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="Layer analysis: task vectors, ablations, layer-swap curves, schedules.")
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from ..eval.judge import JudgeError
-    from ..files import OutputExistsError
-    from ..merge import MergeError, RecipeError
-    from ..merge.checkpoint import CheckpointError
-    from ..merge.embeddings import VocabularyError
-    from ..merge.families import UnknownFamilyError
-    from ..reward.inputs import InputError
-    from . import AnalysisError
-    from .tasks import TaskError
-
-    return (AnalysisError, TaskError, RecipeError, MergeError, CheckpointError, VocabularyError, UnknownFamilyError,
-            OutputExistsError, JudgeError, InputError, OSError)
-
-
 def _run(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; known errors exit 2 with their message, warnings print in yellow."""
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
-
-    warnings.showwarning = show
-    try:
+    """Call ``fn``; the package's errors and OS errors exit 2 with their message, warnings print in yellow."""
+    install_warning_hook()
+    with handled(OSError):
         return fn()
-    except _errors() as e:
-        _fail(str(e))
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import VLRMError
 from ..files import FileFormatError, read_jsonl
 
 KINDS = ("perception", "reasoning")
 METRICS = ("accuracy", "logprob")
 
 
-class TaskError(ValueError):
+class TaskError(VLRMError, ValueError):
     """A task file or record that cannot be used; the message names the file and line."""
 
 

@@ -33,7 +33,7 @@ def best_of_n_stage(lvlm_dir: Path, vlrm_dir: Path, items: list[tuple[Any, QA]],
     from transformers import AutoModelForImageTextToText
 
     from ..bon import best_of_n, bon_metrics
-    from ..reward.processing import load_processor
+    from ..models.processing import load_processor
     from ..reward.scorer import VLRewardScorer
 
     policy = AutoModelForImageTextToText.from_pretrained(lvlm_dir).eval()
@@ -75,7 +75,7 @@ def ppo_stage(world: World, lvlm_dir: Path, vlrm_dir: Path, out: Path, *, update
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, TrainerCallback
 
-    from ..reward.processing import load_processor
+    from ..models.processing import load_processor
     from ..trainers import VLPPOConfig, VLPPOTrainer
 
     rng = random.Random(f"ppo:{seed}")

@@ -6,10 +6,12 @@ importing this module (and ``vlrm-rlhf --help``) stays fast.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import typer
+
+from ..cli_common import check_mode, fail, first_line, install_warning_hook, load_scorer, run_rerank
+from ..errors import VLRMError
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Evaluate reward models: preference accuracy (prefs) and best-of-n reranking (bon).")
@@ -19,12 +21,10 @@ PREF_MODES = ("vlrm", "no_image", "text_rm", "cascade", "judge")
 
 def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[Path]:
     """``out`` and its siblings (``out`` with each suffix), all checked writable before any work is done."""
-    from .. import cli as main
-
     if out is None:
         return []
     if out.suffix in suffixes:
-        main._fail(f"--out is the JSON results file; {out.suffix} files are written next to it")
+        fail(f"--out is the JSON results file; {out.suffix} files are written next to it")
     paths = [out, *(out.with_suffix(s) for s in suffixes)]
     from ..files import check_writable
 
@@ -32,7 +32,7 @@ def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[P
         try:
             check_writable(p, force)
         except OSError as e:
-            main._fail(str(e))
+            fail(str(e))
     return paths
 
 
@@ -57,54 +57,51 @@ def prefs(
     """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
     import time
 
-    from .. import cli as main
     from ..files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-    from ..reward.inputs import InputError
     from .prefs import evaluate_prefs
-    from .records import PrefDataError, load_pref_data
+    from .records import load_pref_data
     from .report import markdown_table
 
-    warnings.showwarning = main._show_warning
+    install_warning_hook()
     if mode not in PREF_MODES:
-        main._fail(f"unknown --mode {mode!r}: use {', '.join(PREF_MODES)}")
+        fail(f"unknown --mode {mode!r}: use {', '.join(PREF_MODES)}")
     if ties not in ("skip", "error"):
-        main._fail(f"--human-ties must be skip or error, not {ties!r}")
+        fail(f"--human-ties must be skip or error, not {ties!r}")
     if mode == "judge":
         from .judge import JUDGE_KINDS
 
         if judge_kind not in JUDGE_KINDS:
-            main._fail(f"unknown --judge-kind {judge_kind!r}: use {', '.join(JUDGE_KINDS)}")
+            fail(f"unknown --judge-kind {judge_kind!r}: use {', '.join(JUDGE_KINDS)}")
         if (model is None) == (lvlm is None):
-            main._fail("--mode judge needs the judge LVLM as --model DIR (or --lvlm DIR), exactly one of them")
+            fail("--mode judge needs the judge LVLM as --model DIR (or --lvlm DIR), exactly one of them")
         scorer_dir = model or lvlm
     else:
         if judge_template is not None:
-            main._fail("--judge-template is only used with --mode judge")
-        main._check_mode(mode, lvlm)
+            fail("--judge-template is only used with --mode judge")
+        check_mode(mode, lvlm)
         if model is None:
-            main._fail(f"--mode {mode} needs --model DIR (the reward model)")
+            fail(f"--mode {mode} needs --model DIR (the reward model)")
         scorer_dir = model
     paths = _outputs(out, force, (".md", ".records.jsonl"))
     try:
         loaded = load_pref_data(data, images_dir=images_dir, limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
-    except PrefDataError as e:
-        main._fail(str(e))
+    except VLRMError as e:  # PrefDataError: the file, row or field at fault
+        fail(str(e))
     if mode == "judge":
-        from .judge import DEFAULT_TEMPLATE, JudgeError, LVLMJudge
+        from .judge import DEFAULT_TEMPLATE, LVLMJudge
 
         try:
             scorer = LVLMJudge.from_pretrained(scorer_dir, kind=judge_kind,  # type: ignore[arg-type]
                                                template=judge_template or DEFAULT_TEMPLATE)
-        except (JudgeError, OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            main._fail(f"cannot load judge model {scorer_dir}: {reason}")
+        except (VLRMError, OSError, ValueError) as e:
+            fail(f"cannot load judge model {scorer_dir}: {first_line(e)}")
     else:
-        scorer = main._load_scorer(scorer_dir, mode, lvlm)
+        scorer = load_scorer(scorer_dir, mode, lvlm)
     t0 = time.perf_counter()
     try:
         result = evaluate_prefs(scorer, loaded.records, tol=tol, batch_size=batch_size)
-    except (InputError, ValueError) as e:
-        main._fail(str(e))
+    except (VLRMError, ValueError) as e:
+        fail(str(e))
     dt = time.perf_counter() - t0
     label = label or f"{mode}{':' + judge_kind if mode == 'judge' else ''} ({Path(scorer_dir).name})"
     table = markdown_table({label: result.metrics})
@@ -123,7 +120,7 @@ def prefs(
             write_text_atomic(f"# {head}\n\n{table}", out_md, force)
             write_json_atomic(summary, out_json, force)
         except (OSError, ValueError) as e:
-            main._fail(str(e))
+            fail(str(e))
         typer.echo(f"wrote {out_json}, {out_md.name}, {out_rec.name}")
 
 
@@ -148,13 +145,12 @@ def bon(
     """
     import json
 
-    from .. import cli as main
     from ..files import write_json_atomic, write_text_atomic
     from .report import bon_markdown_table
 
-    warnings.showwarning = main._show_warning
+    install_warning_hook()
     paths = _outputs(out, force, (".md",))
-    metrics, dt = main._rerank_file(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n)
+    metrics, dt = run_rerank(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n)
     label = label or f"{mode} ({model.name})"
     table = bon_markdown_table({label: metrics})
     head = f"best-of-{metrics['n']} on {data} ({metrics['count']} rows; {dt:.1f} s)"
@@ -166,6 +162,6 @@ def bon(
             write_json_atomic({"data": str(data), "mode": mode, "model": str(model), "label": label,
                                "seconds": round(dt, 3), "metrics": metrics}, paths[0], force)
         except (OSError, ValueError) as e:
-            main._fail(str(e))
+            fail(str(e))
         typer.echo(f"wrote {paths[0]}, {paths[1].name}")
     typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))

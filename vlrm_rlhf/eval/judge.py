@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import VLRMError
 from ..reward.inputs import InputError, Sample, make_sample
-from ..reward.scorer import _date_kwargs
+from ..reward.scorer import date_kwargs
 
 __all__ = ["DEFAULT_TEMPLATE", "JUDGE_KINDS", "JudgeError", "LVLMJudge"]
 
@@ -36,7 +37,7 @@ JUDGE_KINDS = ("loglik_sum", "loglik_mean", "yes_no")
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}\nIs the answer correct and helpful? Answer yes or no."
 
 
-class JudgeError(ValueError):
+class JudgeError(VLRMError, ValueError):
     """A judge model, tokenizer or setting that cannot judge; the message says why."""
 
 
@@ -87,7 +88,7 @@ class LVLMJudge:
         """Load a generative LVLM directory (``AutoModelForImageTextToText`` + its processor) as a judge."""
         from transformers import AutoModelForImageTextToText
 
-        from ..reward.processing import load_processor
+        from ..models.processing import load_processor
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -158,7 +159,7 @@ class LVLMJudge:
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self._owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                               **_date_kwargs(self._owner))
+                                               **date_kwargs(self._owner))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

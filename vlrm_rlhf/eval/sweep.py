@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import VLRMError
 from ..files import OutputExistsError, write_csv_atomic, write_figure_atomic
 from ..merge import methods as M
 from ..merge.engine import MergeError
@@ -32,7 +33,7 @@ _TOL = 1e-9
 Evaluate = Callable[[Any, Any], Mapping[str, float]]
 
 
-class SweepError(ValueError):
+class SweepError(VLRMError, ValueError):
     """A bad grid, key or output path; the message names the culprit and the valid choices."""
 
 

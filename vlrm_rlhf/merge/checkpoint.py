@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .families import Family, get_family
+from ..errors import VLRMError
+from ..models.families import Family, get_family
 from .schedules import split_layer
 
 Role = Literal["base", "lvlm", "rm", "llm"]
@@ -25,7 +26,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE = "pytorch_model.bin"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VLRMError, ValueError):
     """A checkpoint that cannot be merged; the message names the file or tensor at fault."""
 
 

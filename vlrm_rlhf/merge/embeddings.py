@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import VLRMError
+
 MIN_COVERAGE = 0.9
 
 
-class VocabularyError(ValueError):
+class VocabularyError(VLRMError, ValueError):
     """Tokenizers that cannot be merged row by row."""
 
 

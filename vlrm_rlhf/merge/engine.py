@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import VLRMError
 from ..files import atomic_output_dir
 from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
@@ -39,7 +40,7 @@ _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfl
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 
 
-class MergeError(ValueError):
+class MergeError(VLRMError, ValueError):
     """A merge that cannot proceed; the message names the tensor and models at fault."""
 
 

@@ -117,7 +117,7 @@ def _skeleton(config, output: str, dtype: torch.dtype):
     """The output model class instantiated from ``config`` without random initialisation."""
     from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    from ..reward import modeling  # noqa: F401  (registers the VLRM classes)
+    from ..models import modeling  # noqa: F401  (registers the VLRM classes)
 
     auto = AutoModelForSequenceClassification if output == "vlrm" else AutoModelForImageTextToText
     try:
@@ -137,7 +137,7 @@ class InMemoryMerger:
 
     def __init__(self, recipe: Recipe | str | Path | dict, *, dtype: str | None = None, seed: int | None = None,
                  allow_pickle: bool = False, progress: bool = True):
-        from ..reward.processing import load_processor
+        from ..models.processing import load_processor
         from .output import finalize_output
 
         self.recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(

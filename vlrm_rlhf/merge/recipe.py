@@ -14,13 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from ..errors import VLRMError
 from .schedules import LayerSwap, Schedule, check_recipe_schedules, schedule_value
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
 
 
-class RecipeError(ValueError):
+class RecipeError(VLRMError, ValueError):
     """An invalid recipe; the message names the key and the fix."""
 
 

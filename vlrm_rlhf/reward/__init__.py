@@ -1,3 +1,1 @@
-"""Rewards: VLRM model classes (registered with the Auto classes on import)."""
-
-from . import modeling  # noqa: F401
+"""Rewards: scoring samples with a VLRM (scorer, prefix caching, TRL reward functions)."""

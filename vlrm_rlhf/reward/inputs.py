@@ -13,10 +13,12 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import VLRMError
+
 Message = dict[str, Any]
 
 
-class InputError(ValueError):
+class InputError(VLRMError, ValueError):
     """A scoring input that cannot be scored; the message names the sample."""
 
 

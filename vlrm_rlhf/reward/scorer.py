@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import VLRMError
 from .inputs import InputError, Sample, make_sample
 from .prefix import PrefixScorer
 
@@ -39,7 +40,7 @@ class Plan:
     batches: list[list[int]]
 
 
-class ScorerError(ValueError):
+class ScorerError(VLRMError, ValueError):
     """A model or mode that cannot score the given inputs."""
 
 
@@ -51,10 +52,10 @@ def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
                     for m in messages]
     if getattr(owner, "chat_template", None) is None and getattr(getattr(owner, "tokenizer", None), "chat_template", None) is None:
         return "\n".join(f"{m['role']}: {m['content'] if isinstance(m['content'], str) else ' '.join(b.get('text', '') for b in m['content'])}" for m in messages)
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **_date_kwargs(owner))
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **date_kwargs(owner))
 
 
-def _date_kwargs(owner) -> dict[str, Any]:
+def date_kwargs(owner) -> dict[str, Any]:
     """Pin "today" for templates that print a date (Llama 3.x): ``date_string`` is set and every
     ``strftime_now("fmt")`` call is replaced by the fixed date's literal, so rewards never depend on the day."""
     tpl = getattr(owner, "chat_template", None) or getattr(getattr(owner, "tokenizer", None), "chat_template", None)
@@ -145,9 +146,9 @@ class VLRewardScorer:
             AutoTokenizer,
         )
 
-        from ..merge.families import get_family
-        from . import modeling  # noqa: F401  (registers the VLRM classes)
-        from .processing import load_processor
+        from ..models import modeling  # noqa: F401  (registers the VLRM classes)
+        from ..models.families import get_family
+        from ..models.processing import load_processor
 
         path = Path(path)
         if not (path / "config.json").is_file():

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from ..errors import VLRMError
 from .inputs import InputError, Sample, make_sample
 from .scorer import Mode, Plan, VLRewardScorer
 
@@ -45,7 +46,7 @@ _EPS = 1e-6
 _ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
-class NonFiniteRewardError(FloatingPointError):
+class NonFiniteRewardError(VLRMError, FloatingPointError):
     """The reward model returned NaN/inf for a sample (``non_finite="raise"``); the message names it."""
 
 

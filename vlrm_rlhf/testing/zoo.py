@@ -43,13 +43,12 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from ..merge.schedules import split_layer
+from ..models.families import FAMILIES as FAMILY_TABLE
 
 __all__ = ["FAMILIES", "SPECS", "FamilySpec", "build_trio", "demo_image", "hub_key_map", "lm_key_map",
            "lvlm_inputs", "write_quick_recipe"]
 
-FAMILIES: tuple[str, ...] = (
-    "llava", "llava_next", "mllama", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3",
-)
+FAMILIES: tuple[str, ...] = tuple(FAMILY_TABLE)  # every supported family, in the package's own order
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 WORDS = (
@@ -79,12 +78,13 @@ class FamilySpec:
 
     ``make_config(text_kwargs, token_ids)`` returns the LVLM config; ``text_kwargs`` are
     the base text model's config kwargs with ``vocab_size`` already set to ``vocab_rows``.
+    The LVLM's own class names come from the package's family table (``models/families.py``).
     """
 
+    model_type: str  # key of the family in ``vlrm_rlhf.models.families.FAMILIES``
     text_config_cls: str  # config of the base text LM (what the VLM's LM corresponds to)
     causal_lm_cls: str
     seq_cls: str
-    lvlm_cls: str
     mm_tokens: tuple[str, ...]  # appended to the base vocab in this order
     image_placeholder: str  # what the chat template writes for one image
     tokenizer: Literal["wordlevel", "bytelevel_bpe"] = "wordlevel"
@@ -99,6 +99,16 @@ class FamilySpec:
     # processor_cls None: text of image ``i`` replacing one placeholder, from image inputs + config.json
     randomize: str | None = None  # regex of zero-initialised params that would make images irrelevant
     notes: str = ""
+
+    @property
+    def lvlm_cls(self) -> str:
+        """The family's generation class (``...ForConditionalGeneration``), from the family table."""
+        return FAMILY_TABLE[self.model_type].lvlm_class
+
+
+def _config_cls(model_type: str) -> Any:
+    """The transformers config class of an LVLM family, from the family table."""
+    return getattr(tf, FAMILY_TABLE[model_type].config_class)
 
 
 def _clip_vision(**kw: Any) -> dict[str, Any]:
@@ -120,9 +130,9 @@ def _cross_layers(n_base_layers: int) -> list[int]:
 _PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 
-def _llava_cfg(cls: str, **extra: Any) -> Callable[[dict, dict[str, int]], Any]:
+def _llava_cfg(model_type: str, **extra: Any) -> Callable[[dict, dict[str, int]], Any]:
     def make(t: dict, ids: dict[str, int]) -> Any:
-        return getattr(tf, cls)(text_config=tf.LlamaConfig(**t), vision_config=tf.CLIPVisionConfig(**_clip_vision()),
+        return _config_cls(model_type)(text_config=tf.LlamaConfig(**t), vision_config=tf.CLIPVisionConfig(**_clip_vision()),
                                 image_token_index=ids["<image>"], image_seq_length=16, pad_token_id=t["pad_token_id"],
                                 **extra)
     return make
@@ -136,27 +146,27 @@ def _mllama_cfg(t: dict, ids: dict[str, int]) -> Any:
                                    num_hidden_layers=2, num_global_layers=1, attention_heads=4, image_size=32,
                                    patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0],
                                    vision_output_dim=2 * VISION_HIDDEN)
-    return tf.MllamaConfig(text_config=text, vision_config=vision, image_token_index=ids["<|image|>"])
+    return _config_cls("mllama")(text_config=text, vision_config=vision, image_token_index=ids["<|image|>"])
 
 
-def _qwen_cfg(cls: str, vision: Callable[[int], dict[str, Any]]) -> Callable[[dict, dict[str, int]], Any]:
+def _qwen_cfg(model_type: str, vision: Callable[[int], dict[str, Any]]) -> Callable[[dict, dict[str, int]], Any]:
     def make(t: dict, ids: dict[str, int]) -> Any:
-        return getattr(tf, cls)(text_config=_mrope(t), vision_config=vision(t["hidden_size"]),
+        return _config_cls(model_type)(text_config=_mrope(t), vision_config=vision(t["hidden_size"]),
                                 image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     return make
 
 
-def _idefics_cfg(cls: str, vcls: str) -> Callable[[dict, dict[str, int]], Any]:
+def _idefics_cfg(model_type: str, vcls: str) -> Callable[[dict, dict[str, int]], Any]:
     def make(t: dict, ids: dict[str, int]) -> Any:
         vision = getattr(tf, vcls)(**_clip_vision())
-        return getattr(tf, cls)(text_config=tf.LlamaConfig(**t), vision_config=vision,
+        return _config_cls(model_type)(text_config=tf.LlamaConfig(**t), vision_config=vision,
                                 image_token_id=ids["<image>"], scale_factor=2, pad_token_id=t["pad_token_id"])
     return make
 
 
 def _gemma3_cfg(t: dict, ids: dict[str, int]) -> Any:
-    return tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**t), vision_config=tf.SiglipVisionConfig(**_clip_vision(vision_use_head=False)),
+    return _config_cls("gemma3")(text_config=tf.Gemma3TextConfig(**t), vision_config=tf.SiglipVisionConfig(**_clip_vision(vision_use_head=False)),
                            mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"],
                            eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"])
 
@@ -182,48 +192,48 @@ _QWEN: dict[str, Any] = dict(  # shared by Qwen2-VL and Qwen2.5-VL
 
 SPECS: dict[str, FamilySpec] = {
     "llava": FamilySpec(
-        **_LLAMA, lvlm_cls="LlavaForConditionalGeneration", mm_tokens=("<image>",), image_placeholder="<image>",
-        make_config=_llava_cfg("LlavaConfig"), processor_cls="LlavaProcessor", named_tokens={"image_token": "<image>"},
+        model_type="llava", **_LLAMA, mm_tokens=("<image>",), image_placeholder="<image>",
+        make_config=_llava_cfg("llava"), processor_cls="LlavaProcessor", named_tokens={"image_token": "<image>"},
         image_processor=lambda: tf.CLIPImageProcessorPil(size={"shortest_edge": 32},
                                                          crop_size={"height": 32, "width": 32}),
         processor_kwargs=dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1),
         vocab_rows=lambda n_base, n_tok: -(-n_tok // 16) * 16,  # LLaVA-1.5 style padding rows (32064 vs 32002)
         notes="embed/lm_head padded to a multiple of 16 rows beyond the tokenizer length"),
     "llava_next": FamilySpec(
-        **_LLAMA, lvlm_cls="LlavaNextForConditionalGeneration", mm_tokens=("<image>",), image_placeholder="<image>",
-        make_config=_llava_cfg("LlavaNextConfig", image_grid_pinpoints=_PINPOINTS), processor_cls="LlavaNextProcessor", named_tokens={"image_token": "<image>"},
+        model_type="llava_next", **_LLAMA, mm_tokens=("<image>",), image_placeholder="<image>",
+        make_config=_llava_cfg("llava_next", image_grid_pinpoints=_PINPOINTS), processor_cls="LlavaNextProcessor", named_tokens={"image_token": "<image>"},
         image_processor=lambda: tf.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, image_grid_pinpoints=_PINPOINTS,
                                                               crop_size={"height": 32, "width": 32}),
         processor_kwargs=dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1),
         image_size=(40, 56)),
     "mllama": FamilySpec(
-        **_LLAMA, lvlm_cls="MllamaForConditionalGeneration", mm_tokens=("<|image|>",), image_placeholder="<|image|>",
+        model_type="mllama", **_LLAMA, mm_tokens=("<|image|>",), image_placeholder="<|image|>",
         make_config=_mllama_cfg, processor_cls="MllamaProcessor", randomize=r"cross_attn_(attn|mlp)_gate$",
         image_processor=lambda: tf.MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4),
         vocab_rows=lambda n_base, n_tok: n_base,  # embed_tokens gets vocab+8 rows, lm_head vocab rows
         notes="embed_tokens has vocab+8 rows (<|image|> = first extra row), lm_head vocab rows; "
               "cross-attention layers interleaved at text_config.cross_attention_layers; their zero-init "
               "gates set to random so images matter"),
-    "qwen2_vl": FamilySpec(**_QWEN, lvlm_cls="Qwen2VLForConditionalGeneration", make_config=_qwen_cfg(
-        "Qwen2VLConfig", lambda h: dict(depth=2, embed_dim=VISION_HIDDEN, hidden_size=h, num_heads=4, mlp_ratio=2))),
-    "qwen2_5_vl": FamilySpec(**_QWEN, lvlm_cls="Qwen2_5_VLForConditionalGeneration", make_config=_qwen_cfg(
-        "Qwen2_5_VLConfig", lambda h: dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
+    "qwen2_vl": FamilySpec(model_type="qwen2_vl", **_QWEN, make_config=_qwen_cfg(
+        "qwen2_vl", lambda h: dict(depth=2, embed_dim=VISION_HIDDEN, hidden_size=h, num_heads=4, mlp_ratio=2))),
+    "qwen2_5_vl": FamilySpec(model_type="qwen2_5_vl", **_QWEN, make_config=_qwen_cfg(
+        "qwen2_5_vl", lambda h: dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN,
                                            num_heads=4, out_hidden_size=h, fullatt_block_indexes=[1], window_size=56))),
     "idefics3": FamilySpec(
-        **_LLAMA, lvlm_cls="Idefics3ForConditionalGeneration", mm_tokens=_IDEFICS_TOKENS, image_placeholder="<image>",
-        make_config=_idefics_cfg("Idefics3Config", "Idefics3VisionConfig"), processor_cls="Idefics3Processor",
+        model_type="idefics3", **_LLAMA, mm_tokens=_IDEFICS_TOKENS, image_placeholder="<image>",
+        make_config=_idefics_cfg("idefics3", "Idefics3VisionConfig"), processor_cls="Idefics3Processor",
         image_processor=lambda: tf.Idefics3ImageProcessorPil(**_IDEFICS_IMAGE), processor_kwargs={"image_seq_len": 4}),
     "smolvlm": FamilySpec(
-        **_LLAMA, lvlm_cls="SmolVLMForConditionalGeneration", mm_tokens=_IDEFICS_TOKENS, image_placeholder="<image>",
-        make_config=_idefics_cfg("SmolVLMConfig", "SmolVLMVisionConfig"), processor_cls=None,
+        model_type="smolvlm", **_LLAMA, mm_tokens=_IDEFICS_TOKENS, image_placeholder="<image>",
+        make_config=_idefics_cfg("smolvlm", "SmolVLMVisionConfig"), processor_cls=None,
         image_processor=lambda: tf.SmolVLMImageProcessorPil(**_IDEFICS_IMAGE),
         named_tokens={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
                       "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"},
         notes="SmolVLMProcessor needs num2words and a torchvision video processor: tokenizer + image "
               "processor saved separately; prompt = <fake_token_around_image><global-img><image>*4<fake_...>"),
     "gemma3": FamilySpec(
-        text_config_cls="Gemma3TextConfig", causal_lm_cls="Gemma3ForCausalLM",
-        seq_cls="Gemma3TextForSequenceClassification", lvlm_cls="Gemma3ForConditionalGeneration",
+        model_type="gemma3", text_config_cls="Gemma3TextConfig", causal_lm_cls="Gemma3ForCausalLM",
+        seq_cls="Gemma3TextForSequenceClassification",
         mm_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"), image_placeholder="<start_of_image>",
         make_config=_gemma3_cfg, processor_cls="Gemma3Processor", processor_kwargs={"image_seq_length": 4},
         randomize=r"mm_input_projection_weight$",
@@ -233,6 +243,8 @@ SPECS: dict[str, FamilySpec] = {
         text_extra={"tie_word_embeddings": True, "sliding_window": 16},
         notes="lm_head tied to embed_tokens; mm_input_projection_weight (zero-init) set to random"),
 }
+if set(SPECS) != set(FAMILIES) or any(k != s.model_type for k, s in SPECS.items()):  # the zoo must not drift
+    raise RuntimeError(f"zoo specs {sorted(SPECS)} do not match the supported families {sorted(FAMILIES)}")
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -500,7 +512,7 @@ def lvlm_inputs(lvlm_dir: str | Path, prompt: str | list[dict[str, Any]], images
 
     Uses the same processor loading as the scorer: ``AutoProcessor`` where it loads, else the image-only
     fallback for Qwen2-VL/2.5-VL and SmolVLM (whose processors need torchvision)."""
-    from ..reward.processing import load_processor
+    from ..models.processing import load_processor
 
     proc = load_processor(lvlm_dir)
     text = prompt if isinstance(prompt, str) else proc.apply_chat_template(prompt, tokenize=False,

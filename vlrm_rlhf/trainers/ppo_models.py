@@ -105,6 +105,6 @@ def default_value_model(args: VLPPOConfig, funcs: list) -> PreTrainedModel:
             break
     if not path:
         raise ValueError("no value model: pass value_model=, set value_model_path, or use a VLRM reward")
-    import vlrm_rlhf.reward.modeling  # noqa: F401  (registers the VLRM classes with the Auto API)
+    import vlrm_rlhf.models.modeling  # noqa: F401  (registers the VLRM classes with the Auto API)
 
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)

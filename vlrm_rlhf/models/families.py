@@ -1,5 +1,7 @@
 """LVLM families described as data: which classes a family uses and how its text layers map to the base LM.
 
+The one table of supported families: the VLRM classes (``modeling.py``) and the test zoo derive from it.
+
 Everything about *where* tensors live (key prefixes) is derived at run time from the model tree and the
 loader's own renaming rules (see ``checkpoint.py``); this module only records what cannot be derived.
 """
@@ -9,13 +11,17 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+from ..errors import VLRMError
+
 
 @dataclass(frozen=True)
 class Family:
-    """One LVLM family: its ``model_type``, generation class, and text-layer layout quirks."""
+    """One LVLM family: its ``model_type``, transformers classes, and text-layer layout quirks."""
 
     model_type: str
     lvlm_class: str  # transformers class that generates (output: lvlm)
+    pretrained_class: str  # transformers ``PreTrainedModel`` base of the family (the VLRM class derives from it)
+    config_class: str  # transformers config class of the LVLM
     display: str
     # text_config attribute listing interleaved cross-attention layers (Mllama); None if the LM is plain.
     cross_attention_attr: str | None = None
@@ -47,20 +53,25 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llava", "LlavaForConditionalGeneration", "LLaVA"),
-        Family("llava_next", "LlavaNextForConditionalGeneration", "LLaVA-NeXT"),
-        Family("mllama", "MllamaForConditionalGeneration", "Mllama (Llama 3.2 Vision)",
-               cross_attention_attr="cross_attention_layers", text_backbones=("llama",)),
-        Family("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2-VL", text_backbones=("qwen2",)),
-        Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL", text_backbones=("qwen2",)),
-        Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3"),
-        Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLM"),
-        Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3", native_seq_cls="Gemma3ForSequenceClassification"),
+        Family("llava", "LlavaForConditionalGeneration", "LlavaPreTrainedModel", "LlavaConfig", "LLaVA"),
+        Family("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextPreTrainedModel", "LlavaNextConfig",
+               "LLaVA-NeXT"),
+        Family("mllama", "MllamaForConditionalGeneration", "MllamaPreTrainedModel", "MllamaConfig",
+               "Mllama (Llama 3.2 Vision)", cross_attention_attr="cross_attention_layers", text_backbones=("llama",)),
+        Family("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLPreTrainedModel", "Qwen2VLConfig", "Qwen2-VL",
+               text_backbones=("qwen2",)),
+        Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLPreTrainedModel", "Qwen2_5_VLConfig",
+               "Qwen2.5-VL", text_backbones=("qwen2",)),
+        Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3PreTrainedModel", "Idefics3Config",
+               "Idefics3"),
+        Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMPreTrainedModel", "SmolVLMConfig", "SmolVLM"),
+        Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3PreTrainedModel", "Gemma3Config", "Gemma3",
+               native_seq_cls="Gemma3ForSequenceClassification"),
     )
 }
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(VLRMError, ValueError):
     """Raised for an LVLM whose ``model_type`` has no family description."""
 
 

@@ -17,19 +17,8 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from ..merge.families import FAMILIES, Family
-
-# family model_type -> (PreTrainedModel base class, config class) in transformers
-_BASES = {
-    "llava": ("LlavaPreTrainedModel", "LlavaConfig"),
-    "llava_next": ("LlavaNextPreTrainedModel", "LlavaNextConfig"),
-    "mllama": ("MllamaPreTrainedModel", "MllamaConfig"),
-    "qwen2_vl": ("Qwen2VLPreTrainedModel", "Qwen2VLConfig"),
-    "qwen2_5_vl": ("Qwen2_5_VLPreTrainedModel", "Qwen2_5_VLConfig"),
-    "idefics3": ("Idefics3PreTrainedModel", "Idefics3Config"),
-    "smolvlm": ("SmolVLMPreTrainedModel", "SmolVLMConfig"),
-    "gemma3": ("Gemma3PreTrainedModel", "Gemma3Config"),
-}
+from ..errors import VLRMError
+from .families import FAMILIES, Family
 
 VLRM_CLASSES: dict[str, type] = {}
 
@@ -41,13 +30,13 @@ def _conversion_rules(family: Family) -> list:
 
 
 def _make(family: Family) -> type:
-    pre_name, cfg_name = _BASES[family.model_type]
-    config_cls = getattr(transformers, cfg_name)
+    """The family's VLRM class (transformers' own where it ships one), registered with the Auto API."""
+    config_cls = getattr(transformers, family.config_class)
     name = family.seq_cls
     if family.native_seq_cls:
         cls = getattr(transformers, family.native_seq_cls)
     else:
-        pre = getattr(transformers, pre_name)
+        pre = getattr(transformers, family.pretrained_class)
         cls = type(name, (GenericForSequenceClassification, pre), {"__module__": __name__, "__doc__": (
             f"{family.display} vision-language reward model: multimodal backbone + scalar score head."
         )})
@@ -65,7 +54,7 @@ for _fam in FAMILIES.values():
 __all__ = ["VLRM_CLASSES", *[c.__name__ for c in VLRM_CLASSES.values()]]
 
 
-class LoadingError(RuntimeError):
+class LoadingError(VLRMError, RuntimeError):
     """A checkpoint whose weights would not all reach the model (instead of a silent random init)."""
 
 
@@ -78,7 +67,7 @@ def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
     """
     from transformers import AutoConfig
 
-    from ..merge.families import get_family
+    from .families import get_family
 
     config = AutoConfig.from_pretrained(path)
     family = get_family(config.model_type, where=str(path))
