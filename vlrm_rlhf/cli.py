@@ -190,7 +190,7 @@ def score(
     """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
     from . import bon
     from .atomic import check_writable, write_jsonl_atomic
-    from .bon import RecordError
+    from .reward.records import RecordError, row_image_paths, score_records
 
     warnings.showwarning = _show_warning
     _check_mode(mode, lvlm)
@@ -199,13 +199,13 @@ def score(
         lines = bon.read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
-        paths = [[] if mode in bon.TEXT_MODES else bon.row_image_paths(r, nm, input.parent)
+        paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent)
                  for nm, r in zip(names, records, strict=True)]
     except (RecordError, OSError) as e:
         _fail(str(e))
     scorer = _load_scorer(model, mode, lvlm)
     try:
-        rewards = bon.score_records(scorer, records, paths, batch_size=batch_size, names=names)
+        rewards = score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
     except (RecordError, OSError) as e:
         _fail(str(e))

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..reward.inputs import InputError, Sample, make_sample
-from ..reward.scorer import _date_kwargs
+from ..reward.scorer import render_chat
 
 __all__ = ["DEFAULT_TEMPLATE", "JUDGE_KINDS", "JudgeError", "LVLMJudge"]
 
@@ -157,8 +157,7 @@ class LVLMJudge:
         return prompt, response
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self._owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                               **_date_kwargs(self._owner))
+        return render_chat(self._owner, messages, generation_prompt=generation_prompt)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
