@@ -22,7 +22,7 @@ from typing import Any
 
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from vlrm_rlhf import data
+from vlrm_rlhf import prompt_data, scripts
 from vlrm_rlhf.files import write_jsonl_atomic
 
 
@@ -51,7 +51,7 @@ def select(policy: Any, processor: Any, scorer: Any, dataset: Any, args: BonScri
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     keep = [i for i, r in enumerate(results) if math.isfinite(r.scores[r.best_index])]  # all-empty samples: skip
     if not keep:
-        raise data.DataError("every sampled answer was empty: nothing to fine-tune on (raise max_new_tokens?)")
+        raise prompt_data.DataError("every sampled answer was empty: nothing to fine-tune on (raise max_new_tokens?)")
     best = [results[i].scores[results[i].best_index] for i in keep]
     finite = [s for r in results for s in r.scores if math.isfinite(s)]
     rows = {"prompt": [dataset[i]["prompt"] for i in keep],
@@ -70,11 +70,11 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
     from vlrm_rlhf.reward.scorer import VLRewardScorer
 
     if not (model_args.model_name_or_path and script_args.reward_model_path and script_args.dataset_name):
-        raise data.DataError("--model_name_or_path, --reward_model_path and --dataset_name are required")
-    dataset = data.load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
-                                       require_images=data.policy_needs_images(model_args.model_name_or_path))
+        raise prompt_data.DataError("--model_name_or_path, --reward_model_path and --dataset_name are required")
+    dataset = prompt_data.load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
+                                              require_images=scripts.policy_needs_images(model_args.model_name_or_path))
     scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode)
-    data.check_reward_model(scorer, dataset, script_args.reward_model_path)
+    scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     policy: Any = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)

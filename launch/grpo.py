@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
-from vlrm_rlhf import data
+from vlrm_rlhf import scripts
 
 
-def main(script_args: data.RewardScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
+def main(script_args: scripts.RewardScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> None:
     """Load data and rewards, check them, train, save."""
-    policy, dataset, rewards = data.prepare_rl(script_args, model_args)
+    policy, dataset, rewards = scripts.prepare_rl(script_args, model_args)
     training_args.model_init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
                                        **(training_args.model_init_kwargs or {})}
     trainer = GRPOTrainer(
@@ -32,9 +32,9 @@ def main(script_args: data.RewardScriptArguments, training_args: GRPOConfig, mod
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
-    data.train_and_save(trainer, training_args)
+    scripts.train_and_save(trainer, training_args)
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.RewardScriptArguments, GRPOConfig, ModelConfig))
-    main(*data.parse(parser))
+    parser = TrlParser((scripts.RewardScriptArguments, GRPOConfig, ModelConfig))
+    main(*scripts.parse(parser))

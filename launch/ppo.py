@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from vlrm_rlhf import data
+from vlrm_rlhf import scripts
 from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
 
 
-def main(script_args: data.RewardScriptArguments, training_args: VLPPOConfig, model_args: ModelConfig) -> None:
+def main(script_args: scripts.RewardScriptArguments, training_args: VLPPOConfig, model_args: ModelConfig) -> None:
     """Load data and rewards, check them, train, save."""
-    policy, dataset, rewards = data.prepare_rl(script_args, model_args)
+    policy, dataset, rewards = scripts.prepare_rl(script_args, model_args)
     if training_args.value_model_path is None and script_args.reward_model_path:
         training_args.value_model_path = script_args.reward_model_path  # the VLRM, with a fresh-read score head
     trainer = VLPPOTrainer(
@@ -33,9 +33,9 @@ def main(script_args: data.RewardScriptArguments, training_args: VLPPOConfig, mo
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
-    data.train_and_save(trainer, training_args)
+    scripts.train_and_save(trainer, training_args)
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.RewardScriptArguments, VLPPOConfig, ModelConfig))
-    main(*data.parse(parser))
+    parser = TrlParser((scripts.RewardScriptArguments, VLPPOConfig, ModelConfig))
+    main(*scripts.parse(parser))

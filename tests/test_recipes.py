@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from _helpers import recipe
 
-from vlrm_rlhf import data
+from vlrm_rlhf import prompt_data, scripts
 from vlrm_rlhf.testing.zoo import demo_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,26 +158,26 @@ def test_processes_not_dividing_the_batch(setup, tmp_path):
 # ---- bad inputs -------------------------------------------------------------------------------------------
 def test_dataset_validation(setup, tmp_path):
     rows = [{"prompt": q, "image": str(setup["data"].parent / "img" / f"{i}.png")} for i, q in enumerate(QUESTIONS)]
-    ds = data.load_prompt_dataset(write_jsonl(tmp_path / "ok.jsonl", rows))  # absolute paths work too
+    ds = prompt_data.load_prompt_dataset(write_jsonl(tmp_path / "ok.jsonl", rows))  # absolute paths work too
     assert ds[0]["prompt"] == [{"role": "user", "content": [{"type": "image", "text": None},
                                                             {"type": "text", "text": QUESTIONS[0]}]}]
     assert ds[0]["image"].size == demo_image(setup["lvlm"], 0).size
 
     no_image = [*rows[:2], {"prompt": "where is it ?", "image": None}]
-    with pytest.raises(data.DataError, match=r"no_image\.jsonl row 2: no image, but the policy is a vision-language"):
-        data.load_prompt_dataset(write_jsonl(tmp_path / "no_image.jsonl", no_image))
-    assert len(data.load_prompt_dataset(tmp_path / "no_image.jsonl", require_images=False)) == 3
+    with pytest.raises(prompt_data.DataError, match=r"no_image\.jsonl row 2: no image, but the policy is a vision-language"):
+        prompt_data.load_prompt_dataset(write_jsonl(tmp_path / "no_image.jsonl", no_image))
+    assert len(prompt_data.load_prompt_dataset(tmp_path / "no_image.jsonl", require_images=False)) == 3
 
     missing = [*rows[:1], {"prompt": "hi", "image": "img/nope.png"}]
-    with pytest.raises(data.DataError, match=r"missing\.jsonl row 1: image file not found: .*img/nope\.png"):
-        data.load_prompt_dataset(write_jsonl(tmp_path / "missing.jsonl", missing))
+    with pytest.raises(prompt_data.DataError, match=r"missing\.jsonl row 1: image file not found: .*img/nope\.png"):
+        prompt_data.load_prompt_dataset(write_jsonl(tmp_path / "missing.jsonl", missing))
 
     two = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
             "images": [rows[0]["image"], rows[1]["image"]]}]
-    with pytest.raises(data.DataError, match="row 0: the prompt has 1 image placeholder.* but the row has 2 image"):
-        data.load_prompt_dataset(write_jsonl(tmp_path / "two.jsonl", two))
-    with pytest.raises(data.DataError, match="no 'prompt' column"):
-        data.load_prompt_dataset(write_jsonl(tmp_path / "np.jsonl", [{"question": "hi", "image": rows[0]["image"]}]))
+    with pytest.raises(prompt_data.DataError, match="row 0: the prompt has 1 image placeholder.* but the row has 2 image"):
+        prompt_data.load_prompt_dataset(write_jsonl(tmp_path / "two.jsonl", two))
+    with pytest.raises(prompt_data.DataError, match="no 'prompt' column"):
+        prompt_data.load_prompt_dataset(write_jsonl(tmp_path / "np.jsonl", [{"question": "hi", "image": rows[0]["image"]}]))
 
 
 def test_save_to_disk_dataset(setup, tmp_path):
@@ -186,7 +186,7 @@ def test_save_to_disk_dataset(setup, tmp_path):
 
     Dataset.from_list([{"prompt": q, "images": [demo_image(setup["lvlm"], i)]} for i, q in enumerate(QUESTIONS)]) \
         .save_to_disk(str(tmp_path / "saved"))
-    ds = data.load_prompt_dataset(tmp_path / "saved")
+    ds = prompt_data.load_prompt_dataset(tmp_path / "saved")
     assert len(ds) == 4 and ds[1]["images"][0].size == demo_image(setup["lvlm"], 1).size
 
 
@@ -206,23 +206,23 @@ def test_vlrm_that_cannot_render_the_conversations(setup, tmp_path):
     bad = tmp_path / "vlrm_no_template"
     shutil.copytree(setup["vlrm"], bad)
     (bad / "chat_template.jinja").unlink()
-    ds = data.load_prompt_dataset(setup["data"])
-    data.check_reward_model(VLRewardScorer.from_pretrained(setup["vlrm"]), ds, "good")  # passes
-    with pytest.raises(data.DataError, match=r"reward model .*vlrm_no_template cannot score the policy's "
+    ds = prompt_data.load_prompt_dataset(setup["data"])
+    scripts.check_reward_model(VLRewardScorer.from_pretrained(setup["vlrm"]), ds, "good")  # passes
+    with pytest.raises(prompt_data.DataError, match=r"reward model .*vlrm_no_template cannot score the policy's "
                                              r"conversations \(dataset row 0\): .*<image> tokens"):
-        data.check_reward_model(VLRewardScorer.from_pretrained(bad), ds, str(bad))
+        scripts.check_reward_model(VLRewardScorer.from_pretrained(bad), ds, str(bad))
 
 
 def test_reward_of_wrong_length(setup, tmp_path):
     def two(prompts, completions, **kw):
         return [1.0, 2.0]
 
-    checked = data.checked_reward(two)
+    checked = scripts.checked_reward(two)
     assert checked.__name__ == "two" and checked(prompts=["a", "b"], completions=["x", "y"]) == [1.0, 2.0]
-    with pytest.raises(data.RewardLengthError, match=r"'two' returned 2 rewards for 3 completions"):
+    with pytest.raises(scripts.RewardLengthError, match=r"'two' returned 2 rewards for 3 completions"):
         checked(prompts=["a"] * 3, completions=["x"] * 3)
-    with pytest.raises(data.RewardLengthError, match="returned a NoneType"):
-        data.checked_reward(lambda **kw: None)(prompts=["a"], completions=["x"])
+    with pytest.raises(scripts.RewardLengthError, match="returned a NoneType"):
+        scripts.checked_reward(lambda **kw: None)(prompts=["a"], completions=["x"])
 
     (tmp_path / "bad_rewards.py").write_text("def one(completions, **kw):\n    return [0.0]\n")
     res = run(recipe_cmd("grpo", setup, tmp_path / "out", "--reward_funcs", "bad_rewards.one"), tmp_path)
@@ -247,7 +247,7 @@ def test_gpu_recipes_name_real_arguments(algo):
         spec.loader.exec_module(module)
         types = (module.BonScriptArguments, trl.SFTConfig, trl.ModelConfig)
     else:
-        types = (data.RewardScriptArguments, trl.GRPOConfig if algo == "grpo" else trl.RLOOConfig, trl.ModelConfig)
+        types = (scripts.RewardScriptArguments, trl.GRPOConfig if algo == "grpo" else trl.RLOOConfig, trl.ModelConfig)
     fields = {f.name for t in types for f in dataclasses.fields(t)}
     for path in (ROOT / "recipes" / "train" / f"{algo}.yaml", TINY / f"{algo}.yaml"):
         assert set(yaml.safe_load(path.read_text())) <= fields, path
@@ -330,6 +330,6 @@ def test_ppo_recipes_name_real_arguments():
 
     from vlrm_rlhf.trainers import VLPPOConfig
 
-    fields = {f.name for t in (data.RewardScriptArguments, VLPPOConfig, trl.ModelConfig) for f in dataclasses.fields(t)}
+    fields = {f.name for t in (scripts.RewardScriptArguments, VLPPOConfig, trl.ModelConfig) for f in dataclasses.fields(t)}
     for path in (ROOT / "recipes" / "train" / "ppo.yaml", TINY / "ppo.yaml"):
         assert set(yaml.safe_load(path.read_text())) <= fields, path

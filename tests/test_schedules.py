@@ -40,7 +40,7 @@ def reasoning(trio, llm: dict, *, method: str = "task_arithmetic", lvlm: dict | 
 
 
 def llm_weights(plan: MergePlan, canon: str) -> float:
-    per, _ = plan._params(canon)
+    per, _ = plan.parameters_for(canon)
     return next(p["weight"] for s, p in zip(plan.models, per, strict=True) if s.role == "llm")
 
 

@@ -192,7 +192,7 @@ def test_name_mapping_and_parameter_errors_fail_loudly(recipes):
     with pytest.raises(RecipeError, match="no model with role 'llm'"):
         m.apply({"llm.weight": 1.0})
     with pytest.raises(RecipeError, match="only parameter values may change"):
-        m.plan.set_parameters(m.recipe.model_copy(update={"merge_method": "dare_ties"}))
+        m.plan.with_parameters(m.recipe.model_copy(update={"merge_method": "dare_ties"}))
 
 
 # ---- run_sweep: CSV, plot, best merge --------------------------------------------------------------------

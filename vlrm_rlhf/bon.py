@@ -28,17 +28,14 @@ from typing import Any, Literal
 import torch
 
 from .reward.inputs import InputError, load_image, make_sample
+from .reward.records import RecordError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BestOfN", "RecordError", "best_of_n", "bon_metrics", "check_record", "find_row_image", "prompt_seed",
-           "rerank_records", "score_bon_rows", "score_records", "tied_indices"]
+           "rerank_records", "score_bon_rows", "tied_indices"]
 
 TieBreak = Literal["first", "random"]
-
-
-class RecordError(InputError):
-    """A best-of-n record (or a scorer's answer for it) that cannot be evaluated; the message names the row."""
 
 
 @dataclass
@@ -145,11 +142,11 @@ def best_of_n(
 
 def _encode_prompt(processor: Any, messages: list[dict], images: list, device: torch.device) -> dict[str, Any]:
     """Model inputs for one prompt with its generation prompt, rendered as the scorer renders (fixed date)."""
-    from .reward.scorer import date_kwargs
+    from .reward.scorer import render_chat
 
     owner = processor if getattr(processor, "chat_template", None) is not None else getattr(processor, "tokenizer", processor)
     if getattr(owner, "chat_template", None) is not None:
-        text = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **date_kwargs(owner))
+        text = render_chat(owner, messages, generation_prompt=True)
         special = False  # the template writes BOS itself where the model wants one (as apply_chat_template does)
     else:
         text = "\n".join(" ".join(b["text"] for b in m["content"] if b.get("type") == "text") for m in messages)
@@ -369,58 +366,3 @@ def score_bon_rows(
     flush()
     assert all(s is not None for s in out)
     return out  # type: ignore[return-value]
-
-
-def row_image_paths(rec: Mapping[str, Any], where: str, base_dir: Path) -> list[Path]:
-    """Image files of a ``score`` row: ``image`` (a path or null) and/or ``images`` (paths), relative to
-    ``base_dir``; every file must exist (the error names the row and the file)."""
-    raw = rec.get("images") or []
-    if not isinstance(raw, list):
-        raise RecordError(f"{where}: 'images' must be a list of paths")
-    if rec.get("image") is not None:
-        if raw:
-            raise RecordError(f"{where}: give 'image' or 'images', not both")
-        raw = [rec["image"]]
-    paths = []
-    for x in raw:
-        if not isinstance(x, str) or not x:
-            raise RecordError(f"{where}: image paths must be non-empty strings, got {x!r}")
-        p = Path(x) if Path(x).is_absolute() else base_dir / x
-        if not p.is_file():
-            raise RecordError(f"{where}: image file not found: {p}")
-        paths.append(p)
-    return paths
-
-
-def score_records(
-    scorer: Any,
-    records: Sequence[Mapping[str, Any]],
-    image_paths: Sequence[Sequence[Path]],
-    *,
-    batch_size: int = 32,
-    names: Sequence[str] | None = None,
-) -> list[float]:
-    """Reward of each ``{"prompt", "response"}`` row with its images, ``batch_size`` rows per scorer call.
-
-    Images are loaded one batch at a time; every error names its row (``names[i]``, default ``row i``).
-    """
-    names = list(names) if names is not None else [f"row {i}" for i in range(len(records))]
-    rewards: list[float] = []
-    for start in range(0, len(records), batch_size):
-        samples = []
-        for i in range(start, min(start + batch_size, len(records))):
-            rec = records[i]
-            if not isinstance(rec.get("prompt"), str | list) or not rec["prompt"]:
-                raise RecordError(f"{names[i]}: missing 'prompt'")
-            if not isinstance(rec.get("response"), str | list):
-                raise RecordError(f"{names[i]}: missing 'response'")
-            try:
-                images = [load_image(p) for p in image_paths[i]]
-                samples.append(make_sample(rec["prompt"], rec["response"], images or None, i))
-            except InputError as e:
-                raise RecordError(f"{names[i]}: {str(e).removeprefix(f'sample {i}: ')}") from e
-        try:
-            rewards += [float(x) for x in scorer.score_samples(samples)]
-        except InputError as e:
-            raise RecordError(f"rows {names[start]}..{names[start + len(samples) - 1]}: {e}") from e
-    return rewards

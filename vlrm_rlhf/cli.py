@@ -112,6 +112,7 @@ def score(
     """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
     from . import bon
     from .files import check_writable, read_jsonl, write_jsonl_atomic
+    from .reward.records import row_image_paths, score_records
 
     install_warning_hook()
     check_mode(mode, lvlm)
@@ -120,11 +121,11 @@ def score(
         lines = read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
-        paths = [[] if mode in bon.TEXT_MODES else bon.row_image_paths(r, nm, input.parent)
+        paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent)
                  for nm, r in zip(names, records, strict=True)]
     scorer = load_scorer(model, mode, lvlm)
     with handled(OSError):
-        rewards = bon.score_records(scorer, records, paths, batch_size=batch_size, names=names)
+        rewards = score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
     typer.echo(f"wrote {out} ({len(rewards)} rows, mean reward {sum(rewards) / len(rewards):+.4f})")
 

@@ -144,9 +144,10 @@ def params_for_recipe(recipe, *, other_role: str | None = None, merged: bool = T
                       progress: bool = False) -> tuple[list[dict], dict[str, str]]:
     """Task-vector table for a recipe's LVLM, LLM (or RM) and base; also returns the model names (for titles).
 
-    With ``merged``, the recipe's merged model is computed in memory tensor by tensor (``MergePlan.produce``).
+    With ``merged``, the recipe's merged model is computed in memory tensor by tensor (``MergeExecutor.produce``).
     """
     from ..merge.engine import MergePlan
+    from ..merge.executor import MergeExecutor
     from ..merge.recipe import Recipe, parse_recipe
 
     if not isinstance(recipe, Recipe):
@@ -167,7 +168,8 @@ def params_for_recipe(recipe, *, other_role: str | None = None, merged: bool = T
     fn = None
     if merged:
         plan = MergePlan(recipe)
-        fn = lambda canon: plan.produce(plan.lvlm.ckpt.text[canon])  # noqa: E731
+        executor = MergeExecutor(plan, track_ancestry=False)
+        fn = lambda canon: executor.produce(plan.lvlm.ckpt.text[canon])  # noqa: E731
     rows = task_vector_table(lvlm, other, base, other_role=other_role, merged=fn, progress=progress)
     names = {"lvlm": roles["lvlm"], other_role: roles[other_role], "base": base_path,
              "merged": recipe.name or f"{recipe.merge_method} merge", "other_role": other_role}

@@ -1,6 +1,6 @@
 """Layer-swap curves: the merged LVLM with its first k layers taken from the LVLM, for k = 0 .. L, in memory.
 
-The recipe's merge is computed once (``MergePlan.produce``, tensor by tensor) into the LVLM loaded in memory;
+The recipe's merge is computed once (``MergeExecutor.produce``, tensor by tensor) into the LVLM loaded in memory;
 the merged language-model tensors are kept, the LVLM's are re-read (memory-mapped) when swapped in, so each k
 only copies the tensors that change. k = 0 is the plain merge; at k = L the language model is the LVLM's,
 bit for bit. With ``embeddings`` (default) ``embed_tokens`` comes from the LVLM whenever k >= 1 (it feeds the
@@ -31,6 +31,7 @@ class LayerSwapper:
         from tqdm.auto import tqdm
 
         from ..merge.engine import MergePlan
+        from ..merge.executor import MergeExecutor
         from ..merge.recipe import Recipe, parse_recipe
         from .ablate import load_lvlm
 
@@ -42,6 +43,7 @@ class LayerSwapper:
             raise AnalysisError("swap curves need an `output: lvlm` recipe (a generative merged LVLM to run the tasks)")
         self.recipe = recipe.model_copy(update={"layer_swap": None})  # the curve sets the swap itself
         self.plan = plan = MergePlan(self.recipe, dtype=dtype)
+        executor = MergeExecutor(plan, track_ancestry=False)
         if plan.out_vocab.appended:
             raise AnalysisError(f"the merge appends {len(plan.out_vocab.appended)} donor-only token(s) to the LVLM's "
                                 "vocabulary; swap curves need models sharing the LVLM's vocabulary")
@@ -54,7 +56,7 @@ class LayerSwapper:
         for name, p in tqdm(list(plan.producers.items()), desc="swap: merge", disable=not progress):
             if name not in named:
                 raise AnalysisError(f"merged tensor {name} is not a parameter of the loaded {type(self.model).__name__}")
-            t, dst = plan.produce(name), named[name]
+            t, dst = executor.produce(name), named[name]
             if tuple(t.shape) != tuple(dst.shape) or t.dtype != dst.dtype:
                 raise AnalysisError(f"merged tensor {name}: {tuple(t.shape)} {t.dtype}, model {tuple(dst.shape)} {dst.dtype}")
             with torch.no_grad():

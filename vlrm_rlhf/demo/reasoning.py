@@ -73,17 +73,17 @@ def reasoning_stage(world, dirs: dict[str, Path], work: Path, *, seed: int, quic
     from ..merge import build, parse_recipe
     from ..merge.checkpoint import Checkpoint
     from ..worlds.reasoning import train_llm, write_tasks
-    from ..worlds.train import _cached, _mark
+    from ..worlds.training_utils import cached_log, mark_trained
 
     out = work / "reasoning"
     out.mkdir(parents=True, exist_ok=True)
     llm = work / "models" / "llm"
     stamp = json.dumps({"seed": seed, "steps": steps, "base": (dirs["base"] / "shapes_train.json").read_text()})
     t0 = time.perf_counter()
-    log = _cached(llm, stamp)
+    log = cached_log(llm, stamp)
     if log is None:
         log = train_llm(world, dirs["base"], llm, seed, steps=steps, progress=progress)
-        _mark(llm, stamp, log)
+        mark_trained(llm, stamp, log)
     dirs = {**dirs, "llm": llm}
     task_path, text_task_path = write_tasks(world, out / "tasks", n_per_kind, seed)
     tasks, text_tasks = load_tasks(task_path), load_tasks(text_task_path)

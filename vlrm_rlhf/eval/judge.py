@@ -28,7 +28,7 @@ import torch
 
 from ..errors import VLRMError
 from ..reward.inputs import InputError, Sample, make_sample
-from ..reward.scorer import date_kwargs
+from ..reward.scorer import render_chat
 
 __all__ = ["DEFAULT_TEMPLATE", "JUDGE_KINDS", "JudgeError", "LVLMJudge"]
 
@@ -158,8 +158,7 @@ class LVLMJudge:
         return prompt, response
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self._owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                               **date_kwargs(self._owner))
+        return render_chat(self._owner, messages, generation_prompt=generation_prompt)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

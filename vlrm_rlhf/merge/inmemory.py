@@ -3,8 +3,8 @@
 ``InMemoryMerger`` opens a recipe's ``MergePlan`` once, instantiates the output model once as a real transformers
 model (config and processor exactly as ``build`` writes them), keeps the merged tensors' inputs in RAM, and
 ``apply(overrides)`` re-merges only the merged tensors with new parameter values and copies them into the model's
-parameters. A point equals ``build`` with the same parameters bit for bit: the same ``MergePlan.produce`` path,
-parameters through the same recipe, the same per-tensor seeds.
+parameters. A point equals ``build`` with the same parameters bit for bit: the same ``MergeExecutor.produce``
+path, parameters through the same recipe (``MergePlan.with_parameters``), the same per-tensor seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
 from .engine import MergeError, MergePlan
+from .executor import MergeExecutor
 from .recipe import Recipe, RecipeError, parse_recipe
 
 NUMERIC_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t")  # the parameters a sweep can vary
@@ -159,12 +160,13 @@ class InMemoryMerger:
         self.names = state_dict_names(self.model, list(plan.specs))  # output name -> model state_dict name
         self.merged = [n for n, p in plan.producers.items() if p.kind in ("merge", "vocab")]
         self._cache_inputs()
+        # the ancestry check feeds build()'s warning only: skipped here
+        self.executor = MergeExecutor(self.plan, track_ancestry=False)
         sd = self.model.state_dict()
         for n in tqdm(list(plan.specs), desc="in-memory merge (setup)", disable=not progress):
-            self._set(sd, n, plan.produce(n))
+            self._set(sd, n, self.executor.produce(n))
         for c in self._cached:  # copies are set for good; later points only read the tensors held in RAM
             c.seal()
-        plan._track_ancestor = lambda *a: None  # type: ignore[method-assign]  # build()'s warning only: skip
         self.overrides: dict[str, Any] | None = {}  # of the last apply; None after a failed one
 
     def _cache_inputs(self) -> None:
@@ -175,7 +177,7 @@ class InMemoryMerger:
             ck = s.ckpt
             if id(ck) not in wrapped:
                 wrapped[id(ck)] = _CachedCheckpoint(ck, [ck.text[k] for k in sorted(keys) if k in ck.text])
-            s.ckpt = wrapped[id(ck)]  # type: ignore[assignment]
+        self.plan = self.plan.with_checkpoints({s.name: wrapped[id(s.ckpt)] for s in self.plan.sources})
         self._cached = list(wrapped.values())
         self.cache_bytes = sum(c.nbytes for c in self._cached)
 
@@ -196,26 +198,24 @@ class InMemoryMerger:
     def check(self, overrides: Mapping[str, Any]) -> list[str]:
         """Validate a point's parameters on every merged tensor (no merging); return inert-setting warnings."""
         recipe = self.recipe_for(overrides)
-        plan, old = self.plan, self.plan.recipe
-        plan.set_parameters(recipe)
-        try:
-            empty = torch.empty(0)  # merge_tensor validates every parameter, then returns at once on no elements
-            for n in self.merged:
-                plan._merge(plan.producers[n].key, empty if plan.base else None, [empty] * len(plan.models))
-            return M.inert_parameter_warnings(recipe.merge_method, recipe.parameters or {},
-                                              [s.params or {} for s in plan.models])
-        finally:
-            plan.set_parameters(old)
+        plan = self.plan.with_parameters(recipe)
+        executor = MergeExecutor(plan, track_ancestry=False)
+        empty = torch.empty(0)  # merge_tensor validates every parameter, then returns at once on no elements
+        for n in self.merged:
+            executor.merge(plan.producers[n].key, empty if plan.base else None, [empty] * len(plan.models))
+        return M.inert_parameter_warnings(recipe.merge_method, recipe.parameters or {},
+                                          [s.params or {} for s in plan.models])
 
     def apply(self, overrides: Mapping[str, Any] | None = None) -> None:
         """Re-merge the merged tensors for ``overrides`` (relative to the original recipe) into the model."""
         overrides = dict(overrides or {})
         self.check(overrides)
-        self.plan.set_parameters(self.recipe_for(overrides))
+        self.plan = self.plan.with_parameters(self.recipe_for(overrides))
+        self.executor = MergeExecutor(self.plan, track_ancestry=False)
         sd = self.model.state_dict()  # fresh each time: the model may have been moved to another device
         try:
             for n in self.merged:
-                self._set(sd, n, self.plan.produce(n))
+                self._set(sd, n, self.executor.produce(n))
         except BaseException:
             self.overrides = None  # the model is half-updated: its parameters are unknown
             raise
@@ -223,9 +223,10 @@ class InMemoryMerger:
 
     def close(self) -> None:
         """Drop the cached inputs and the model."""
-        for s in self.plan.sources:
-            if isinstance(s.ckpt, _CachedCheckpoint):
-                s.ckpt = s.ckpt._ckpt
+        self.plan = self.plan.with_checkpoints({s.name: s.ckpt._ckpt for s in self.plan.sources
+                                                if isinstance(s.ckpt, _CachedCheckpoint)})
+        self.executor = MergeExecutor(self.plan, track_ancestry=False)
+        self._cached = []
         self.model = None  # type: ignore[assignment]
 
     def __enter__(self) -> InMemoryMerger:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import shutil
 import warnings
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def rm_pad_token(plan) -> tuple[str | None, int | None]:
     return inv.get(pad_id), pad_id
 
 
-def finalize_output(plan, out: Path) -> None:
-    """Write config, tokenizer/processor files (LVLM's, plus donor-only tokens), recipe and model card."""
+def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None) -> None:
+    """Write config, tokenizer/processor files (LVLM's, plus donor-only tokens), recipe and model card.
+
+    ``ancestry``: ``MergeExecutor.ancestor_report()`` of the merge, for the model card (None: not measured)."""
     lv = plan.lvlm
     for f in sorted(Path(lv.name).iterdir()):
         if f.is_file() and f.name not in _SKIP and not f.name.endswith((".safetensors", ".bin")):
@@ -92,7 +95,7 @@ def finalize_output(plan, out: Path) -> None:
         tok.save_pretrained(out)
     config.save_pretrained(out)
     (out / "merge_recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(plan), sort_keys=False))
-    (out / "README.md").write_text(model_card(plan))
+    (out / "README.md").write_text(model_card(plan, ancestry))
 
 
 def _recipe_dict(plan) -> dict:
@@ -101,7 +104,7 @@ def _recipe_dict(plan) -> dict:
     return d
 
 
-def model_card(plan) -> str:
+def model_card(plan, ancestry: Mapping[str, float] | None = None) -> str:
     """A Hugging Face model card: what went in, how it was merged, and with which library versions."""
     r = plan.recipe
     kind = "vision-language reward model (VLRM)" if r.output == "vlrm" else "merged vision-language model"
@@ -110,7 +113,7 @@ def model_card(plan) -> str:
         f"{yaml.safe_dump(to_jsonable_python(s.params), default_flow_style=True).strip() if s.params else '-'} |"
         for s in plan.sources
     )
-    anc = "\n".join(f"- `{n}`: {v:.3f}" for n, v in plan.ancestor_report().items()) or "- (no base)"
+    anc = "\n".join(f"- `{n}`: {v:.3f}" for n, v in (ancestry or {}).items()) or "- (no base)"
     vers = "\n".join(f"- {k}: {v}" for k, v in _versions().items())
     appended = ", ".join(f"`{t}` (from {Path(d).name})" for t, d in plan.out_vocab.appended) or "none"
     usage = (

@@ -273,7 +273,7 @@ def resolved_table(plan: Any) -> list[dict[str, Any]]:
         kept = [swap_keeps(plan.recipe.layer_swap, c) for c in by_layer[layer]]
         rows[layer] = {"layer": layer, "source": "lvlm" if all(kept) else "lvlm/merge" if any(kept) else "merge"}
         for c in by_layer[layer]:
-            per, shared = plan._params(c)
+            per, shared = plan.parameters_for(c)
             cells = [(f"{s.role}.{k}", v) for s, p in zip(plan.models, per, strict=True) for k, v in p.items()]
             for col, v in [*cells, *((f"top.{k}", v) for k, v in shared.items())]:
                 values.setdefault(col, {}).setdefault(_group(c), {}).setdefault(layer, set()).add(v)

@@ -52,7 +52,14 @@ def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
                     for m in messages]
     if getattr(owner, "chat_template", None) is None and getattr(getattr(owner, "tokenizer", None), "chat_template", None) is None:
         return "\n".join(f"{m['role']}: {m['content'] if isinstance(m['content'], str) else ' '.join(b.get('text', '') for b in m['content'])}" for m in messages)
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **date_kwargs(owner))
+    return render_chat(owner, messages)
+
+
+def render_chat(owner, messages: list[dict], *, generation_prompt: bool = False) -> str:
+    """``owner.apply_chat_template`` as text with "today" pinned (``date_kwargs``): the one rendering that the
+    scorer, best-of-n generation and the LVLM judge share, so a prompt renders the same everywhere."""
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                     **date_kwargs(owner))
 
 
 def date_kwargs(owner) -> dict[str, Any]:

@@ -83,15 +83,15 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
               lr: float = 1e-3, progress: bool = True) -> dict:
     """Fine-tune the base LM (all weights) on description-grounded reasoning QA, with 30% of the old QA mixed in
     so it keeps its language; answers in the preferred style. Saved as a ``LlamaForCausalLM`` directory."""
-    from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import LlamaForCausalLM
 
-    from .train import _encode, _lm_loss, _save_atomic, _step
+    from .training_utils import cosine_schedule, encode_texts, lm_loss, optimizer_step, save_model_dir
 
     tok = build_tokenizer()
     torch.manual_seed(seed + 3)
     model = LlamaForCausalLM.from_pretrained(base_dir).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
+    sched = cosine_schedule(opt, steps)
     rng = random.Random(f"llm:{seed}")
     a_id = tok.convert_tokens_to_ids("<a>")
     t0 = time.perf_counter()
@@ -103,14 +103,14 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
             pool = reasoning_questions(scene) if rng.random() < 0.7 else questions(scene)
             qa = rng.choice(pool)
             texts.append(text_seq(qa.question, answer(qa.gold, "good"), scene.description))
-        enc = _encode(tok, texts)
+        enc = encode_texts(tok, texts)
         ids = enc["input_ids"]
         after = ((ids == a_id).int().cumsum(1) > 0) & (ids != a_id) & (enc["attention_mask"] == 1)
-        losses.append(_step(_lm_loss(model(**enc).logits, ids.masked_fill(~after, -100)), opt, sched))
+        losses.append(optimizer_step(lm_loss(model(**enc).logits, ids.masked_fill(~after, -100)), opt, sched))
 
     def save(d: Path) -> None:
         model.eval().save_pretrained(d)
         tok.save_pretrained(d)
 
-    _save_atomic(save, out)
+    save_model_dir(save, out)
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}

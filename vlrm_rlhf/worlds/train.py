@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..files import atomic_output_dir
 from .shapes import IMAGE_SIZE, WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
+from .training_utils import (
+    cached_log,
+    cosine_schedule,
+    encode_texts,
+    lm_loss,
+    mark_trained,
+    optimizer_step,
+    save_model_dir,
+)
 
 DESCRIBE_Q = "describe the image ."
 
@@ -91,42 +98,12 @@ def llava_config(tok, cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _encode(tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
 def _answer_labels(tok, ids: torch.Tensor) -> torch.Tensor:
     """Labels that train only the tokens after ``<a>`` (the answer and its ``<eos>``)."""
     a = tok.convert_tokens_to_ids("<a>")
     after = (ids == a).int().cumsum(1) > 0
     after &= ids != a
     return ids.masked_fill(~after | (ids == tok.pad_token_id), -100)
-
-
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def _cosine(opt, steps: int, warmup: int = 0):
-    from transformers import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(opt, warmup or max(1, steps // 20), steps)
-
-
-def _step(loss: torch.Tensor, opt, sched) -> float:
-    """One optimizer step on ``loss``; returns its value."""
-    loss.backward()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def _save_atomic(save: Callable[[Path], None], out: Path) -> None:
-    """Write a model directory through the merge engine's atomic output folder (never half-written)."""
-    with atomic_output_dir(out, force=True) as tmp:
-        save(tmp)
 
 
 def _qa_text(rng: random.Random, world: World, i: int, qa, *, image: bool) -> str:
@@ -146,7 +123,7 @@ def train_base(world: World, cfg: TrainConfig, out: Path, seed: int, progress: b
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(tok, cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.01)
-    sched = _cosine(opt, cfg.base_steps)
+    sched = cosine_schedule(opt, cfg.base_steps)
     rng = random.Random(f"base:{seed}")
     stream = world.qa_stream(world.train, seed)
     losses = []
@@ -158,15 +135,15 @@ def train_base(world: World, cfg: TrainConfig, out: Path, seed: int, progress: b
                 texts.append(description_seq(world.train.scenes[i].description))
             else:
                 texts.append(_qa_text(rng, world, i, qa, image=False))
-        enc = _encode(tok, texts)
+        enc = encode_texts(tok, texts)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        losses.append(_step(_lm_loss(model(**enc).logits, labels), opt, sched))
+        losses.append(optimizer_step(lm_loss(model(**enc).logits, labels), opt, sched))
 
     def save(d: Path) -> None:
         model.eval().save_pretrained(d)
         tok.save_pretrained(d)
 
-    _save_atomic(save, out)
+    save_model_dir(save, out)
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
@@ -223,7 +200,7 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
         if stage == 2:
             groups.append({"params": lm_params, "lr": cfg.lvlm_lr_lm})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        sched = _cosine(opt, steps)
+        sched = cosine_schedule(opt, steps)
         model.train()
         losses = []
         for _ in range(steps):
@@ -232,12 +209,12 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
                 i, qa = next(stream)
                 idx.append(i)
                 texts.append(_qa_text(rng, world, i, None if rng.random() < caption_p else qa, image=True))
-            enc = _encode(tok, texts)
+            enc = encode_texts(tok, texts)
             logits, feats = lvlm_forward(model, enc["input_ids"], enc["attention_mask"], pix[idx])
-            lm = _lm_loss(logits, _answer_labels(tok, enc["input_ids"]))
+            lm = lm_loss(logits, _answer_labels(tok, enc["input_ids"]))
             target = emb[slot_ids[idx]]
             align = ((feats - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean()
-            _step(lm + cfg.align_weight * align, opt, sched)
+            optimizer_step(lm + cfg.align_weight * align, opt, sched)
             losses.append((lm.item(), align.item()))
             bar.update()
         tail = losses[-20:]
@@ -254,7 +231,7 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
         model.eval().save_pretrained(d)
         proc.save_pretrained(d)
 
-    _save_atomic(save, out)
+    save_model_dir(save, out)
     return log
 
 
@@ -281,44 +258,27 @@ def train_rm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: in
     torch.nn.init.normal_(model.score.weight, std=0.02)
     opt = torch.optim.AdamW([{"params": model.model.parameters(), "lr": cfg.rm_lr_lm},
                              {"params": model.score.parameters(), "lr": cfg.rm_lr_head}], weight_decay=0.0)
-    sched = _cosine(opt, cfg.rm_steps)
+    sched = cosine_schedule(opt, cfg.rm_steps)
     rng = random.Random(f"rm:{seed}")
     stream = world.qa_stream(world.train, seed + 13)
     losses, accs = [], []
     for _ in tqdm(range(cfg.rm_steps), desc="train text RM", disable=not progress, leave=False):
         c, r = rm_pair_texts(world, rng, stream, cfg.rm_batch)
-        enc = _encode(tok, c + r)
+        enc = encode_texts(tok, c + r)
         s = model(**enc).logits[:, 0]
         margin = s[: len(c)] - s[len(c):]
-        losses.append(_step(-F.logsigmoid(margin).mean(), opt, sched))
+        losses.append(optimizer_step(-F.logsigmoid(margin).mean(), opt, sched))
         accs.append((margin > 0).float().mean().item())
 
     def save(d: Path) -> None:
         model.eval().save_pretrained(d)
         tok.save_pretrained(d)
 
-    _save_atomic(save, out)
+    save_model_dir(save, out)
     return {"final_loss": sum(losses[-20:]) / 20, "train_acc": sum(accs[-50:]) / len(accs[-50:])}
 
 
-# ------------------------------------------------------------------------------------------------ caching
-STAMP = "shapes_train.json"
-
-
-def _cached(d: Path, stamp: str) -> dict | None:
-    """The training log of a model directory trained with this exact stamp, else None."""
-    m = d / STAMP
-    if (d / "config.json").is_file() and m.is_file():
-        data = json.loads(m.read_text())
-        if data.get("stamp") == stamp:
-            return data["log"]
-    return None
-
-
-def _mark(d: Path, stamp: str, log: dict) -> None:
-    (d / STAMP).write_text(json.dumps({"stamp": stamp, "log": log}, indent=1))
-
-
+# ------------------------------------------------------------------------------------------------ all three
 def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True, parallel: bool = True) -> dict:
     """Train (or reuse) base, LVLM and RM under ``work``; returns their directories and training logs.
 
@@ -328,7 +288,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     work.mkdir(parents=True, exist_ok=True)
     dirs = {k: work / k for k in ("base", "lvlm", "rm")}
     stamp = json.dumps({"seed": seed, "config": json.loads(cfg.key()), "world": WORLD_VERSION}, sort_keys=True)
-    log = {k: _cached(d, stamp) for k, d in dirs.items()}
+    log = {k: cached_log(d, stamp) for k, d in dirs.items()}
     if all(v is not None for v in log.values()):
         return {"dirs": dirs, "log": log, "cached": True}
     if log["base"] is None:
@@ -336,7 +296,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
         t0 = time.perf_counter()
         log["base"] = train_base(World(seed, n_train=cfg.n_train), cfg, dirs["base"], seed, progress)
         log["base"]["seconds"] = round(time.perf_counter() - t0, 1)
-        _mark(dirs["base"], stamp, log["base"])
+        mark_trained(dirs["base"], stamp, log["base"])
     todo = [k for k in ("lvlm", "rm") if log[k] is None]
     if progress:
         print(f"training {' and '.join(todo)} {'in parallel processes' if parallel and len(todo) > 1 else ''}...",
@@ -347,7 +307,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
         results = {k: _train_job(k, seed, cfg, dirs["base"], dirs[k], progress) for k in todo}
     for k, r in results.items():
         log[k] = r
-        _mark(dirs[k], stamp, r)
+        mark_trained(dirs[k], stamp, r)
     return {"dirs": dirs, "log": log, "cached": False}
 
 

@@ -1,0 +1,221 @@
+"""The merge executor: computes a ``MergePlan``'s output tensors one at a time, and ``build`` writes them.
+
+Tensors are read lazily from the inputs, merged one at a time and appended to pre-planned shards, so peak
+memory is bounded by a few copies of the largest tensor, not by model size. ``build`` (streamed to disk) and the
+in-memory sweep (merge/inmemory.py) both compute every tensor through ``MergeExecutor.produce``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..files import atomic_output_dir
+from . import methods as M
+from .checkpoint import CheckpointError
+from .embeddings import gather_rows
+from .engine import MergeError, MergePlan, Producer
+from .recipe import Recipe, parse_recipe
+from .schedules import swap_keeps
+from .writer import ShardWriter, TensorSpec, plan_shards, write_index
+
+__all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
+
+log = logging.getLogger(__name__)
+ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
+
+
+class MergeExecutor:
+    """Computes the output tensors of ``plan`` (``produce``); with ``track_ancestry``, also records how far each
+    input is from the base (``ancestor_report``, the check behind ``build``'s "not the common ancestor" warning)."""
+
+    def __init__(self, plan: MergePlan, *, track_ancestry: bool = True):
+        self.plan = plan
+        self.track_ancestry = track_ancestry
+        self._ancestry: dict[str, list[float]] = {}  # input name -> sampled ‖τ‖/‖θ_base‖ per weight matrix
+
+    # ---- per-tensor merge -------------------------------------------------------------------------------------
+    def _generator(self, canon: str) -> torch.Generator | None:
+        """The per-tensor random stream of a stochastic method: seeded by the plan's seed and the tensor name."""
+        if not self.plan.method.stochastic:
+            return None
+        g = torch.Generator()
+        g.manual_seed((int(self.plan.seed) * 1_000_003 + zlib.crc32(canon.encode())) % (2**63))
+        return g
+
+    def merge(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Merge text tensor ``canon`` of the base and the non-base models with the plan's parameters."""
+        plan = self.plan
+        if swap_keeps(plan.recipe.layer_swap, canon):  # layer_swap: the LVLM's own tensor, bit-identical
+            if plan.base is plan.lvlm:
+                return base
+            return tensors[[s for s in plan.models if canon in s.ckpt.text or base is not None].index(plan.lvlm)]
+        per, shared = plan.parameters_for(canon)
+        if len(tensors) != len(per):  # models lacking the tensor, with no base to stand in for them
+            have = [s for s in plan.models if canon in s.ckpt.text]
+            per = [p for s, p in zip(plan.models, per) if s in have]
+        try:
+            return M.merge_tensor(plan.method, base, tensors, per, shared, self._generator(canon))
+        except ValueError as e:
+            raise MergeError(f"tensor {canon}: {e}") from e
+
+    def produce(self, name: str) -> torch.Tensor:
+        """Compute one output tensor (in the output dtype)."""
+        plan = self.plan
+        p = plan.producers[name]
+        spec = plan.specs[name]
+        if p.kind == "copy":
+            src = plan.source(p.source)
+            out = src.ckpt.get(p.key).to(spec.dtype)
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
+            return out
+        base = plan.base.ckpt.get(plan.base.ckpt.text[p.key]) if plan.base else None
+        # a model without this tensor (an RM has no lm_head) contributes the base's: a zero task vector
+        srcs = [s for s in plan.models if p.key in s.ckpt.text or base is not None]
+        tensors = [s.ckpt.get(s.ckpt.text[p.key]) if p.key in s.ckpt.text else base for s in srcs]
+        inputs = ([(plan.base, base)] if plan.base else []) + list(zip(srcs, tensors))
+        if plan.method.name not in _PROPAGATES_NAN:  # masking methods could silently drop a NaN: check inputs
+            _check_inputs_finite(p.key, inputs)
+        if p.kind == "merge":
+            _check_shapes(p.key, plan.base, base, srcs, tensors)
+            out = self.merge(p.key, base, tensors)
+        else:
+            out = self._merge_vocab(p, base, srcs, tensors, spec)
+        if self.track_ancestry:
+            self._track_ancestor(p.key, base, srcs, tensors)
+        out = out.to(spec.dtype)
+        if out.is_floating_point() and not math.isfinite(float(out.sum())):  # NaN/Inf propagate into the sum
+            if bool(torch.isfinite(out).all()):  # only the sum overflowed: the values are fine
+                return out
+            _check_inputs_finite(p.key, inputs)
+            raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+        return out
+
+    def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
+        """An embedding or lm_head: the rows shared by the inputs merged, donor-only rows copied (``RowPlan``)."""
+        plan, rp = self.plan, p.rows
+        assert rp is not None
+        by = {s.name: t for s, t in zip(srcs, tensors)}
+        bname = plan.base.name if plan.base else None
+        width = spec.shape[1:]
+        for s, t in zip(srcs, tensors):
+            if tuple(t.shape[1:]) != tuple(width):
+                raise MergeError(f"tensor {p.key}: {s.role} {s.name} has shape {tuple(t.shape)}, expected (*, {width})")
+        if rp.contiguous():
+            k = len(rp.merge_out)
+            merged = self.merge(p.key, base[:k] if base is not None else None, [by[s.name][:k] for s in srcs])
+        else:
+            b = base if base is not None else by[plan.lvlm.name]  # no base: the LVLM's vocab is the reference
+            parts = [gather_rows(by[s.name], rp.merge_src.get(s.name, rp.merge_src.get(bname)), b) for s in srcs]
+            bb = gather_rows(base, rp.merge_src[bname], base) if base is not None else None
+            merged = self.merge(p.key, bb, parts)
+        if not rp.copies and len(rp.merge_out) == spec.shape[0] and rp.contiguous():
+            return merged
+        out = torch.zeros(spec.shape, dtype=merged.dtype)
+        out.index_copy_(0, rp.merge_out, merged)
+        for sname, o, i in rp.copies:
+            src = plan.source(sname)
+            out.index_copy_(0, o, src.ckpt.get(src.ckpt.text[p.key]).index_select(0, i).to(merged.dtype))
+        return out
+
+    # ---- diagnostics -------------------------------------------------------------------------------------------
+    def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:
+        """Record the sampled relative task-vector size of each weight matrix (≤ 64k strided elements)."""
+        if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
+            return
+        b = base.reshape(-1)
+        step = max(1, b.numel() // 65536)
+        bs = b[::step].float()
+        bn = float(bs.norm())
+        for s, t in zip(srcs, tensors):
+            if t.shape == base.shape and t is not base and bn > 0:
+                self._ancestry.setdefault(s.name, []).append(float((t.reshape(-1)[::step].float() - bs).norm()) / bn)
+
+    def ancestor_report(self) -> dict[str, float]:
+        """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
+        return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
+
+
+_PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
+
+
+def _check_inputs_finite(key: str, inputs) -> None:
+    """Name the input holding NaN/Inf (a sum is a cheap first pass: NaN/Inf propagate into it)."""
+    for s, t in inputs:
+        if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+            raise MergeError(f"non-finite values (NaN/Inf) in input tensor {key} of {s.role} model {s.name}")
+
+
+def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
+    ref_src, ref = (base_src, base) if base is not None else (srcs[0], tensors[0])
+    for s, t in zip(srcs, tensors):
+        if tuple(t.shape) != tuple(ref.shape):
+            raise MergeError(
+                f"shape mismatch for {canon}: {s.role} {s.name} has {tuple(t.shape)}, "
+                f"{ref_src.role} {ref_src.name} has {tuple(ref.shape)}"
+            )
+
+
+def build(
+    recipe: Recipe | str | Path | dict,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    dtype: str | None = None,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "2GB",
+    progress: bool = True,
+) -> Path:
+    """Build a VLRM (``output: vlrm``) or merged LVLM (``output: lvlm``) directory from a recipe."""
+    from .output import finalize_output  # late import: output.py imports transformers model classes
+
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe if not isinstance(recipe, str) else Path(recipe))
+    try:
+        plan = MergePlan(recipe, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
+    except CheckpointError as e:
+        raise MergeError(str(e)) from e
+    executor = MergeExecutor(plan)
+    shards = plan_shards(plan.specs, max_shard_size)
+    total = sum(s.nbytes for s in plan.specs.values())
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})", disable=not progress)
+        done = 0
+        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL)
+        with ThreadPoolExecutor(max_workers=1) as io:
+            for fname, names in shards.items():
+                w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
+                pending = None
+                for n in names:
+                    t = executor.produce(n)
+                    if pending is not None:
+                        pending.result()
+                    pending = io.submit(w.write, n, t)
+                    del t
+                    done += 1
+                    bar.update(plan.specs[n].nbytes)
+                    bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")
+                if pending is not None:
+                    pending.result()
+                w.close()
+        bar.close()
+        write_index(tmp, shards, plan.specs)
+        ancestry = executor.ancestor_report()
+        for name, r in ancestry.items():
+            if r > ANCESTOR_WARN_RATIO:
+                warnings.warn(
+                    f"base {plan.base.name} does not look like the common ancestor of {name}: "
+                    f"‖θ − θ_base‖/‖θ_base‖ ≈ {r:.2f} (fine-tunes are usually < 0.3). Check `base_model`.",
+                    stacklevel=2,
+                )
+        finalize_output(plan, tmp, ancestry)
+    return Path(out_dir)
