@@ -16,6 +16,7 @@ from _helpers import recipe
 from PIL import Image
 
 import vlrm_rlhf
+from vlrm_rlhf.errors import VLRMError
 from vlrm_rlhf.merge import build
 from vlrm_rlhf.reward.combine import (
     CombineError,
@@ -188,7 +189,7 @@ def test_reward_funcs_dispatch_and_errors(llava):
     from trl.trainer.utils import get_callable_name
 
     assert get_callable_name(ens) == "pess"
-    with pytest.raises(ValueError, match="listed twice"):
+    with pytest.raises(VLRMError, match="listed twice"):  # a user error: the package's base class
         EnsembleReward([llava["ta_a"], llava["ta_a"]])
     with pytest.raises(ValueError, match="modes=... does not apply"):
         vlrm_rlhf.reward_funcs([llava["ta_a"]], modes=("no_image",))

@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import VLRMError
+
 Combine = Literal["mean", "min", "mean_minus_std"]
 COMBINES: tuple[str, ...] = ("mean", "min", "mean_minus_std")
 EPS = 1e-6  # a standard deviation below this is treated as 1 when standardising (constant rewards stay put)
 
 
-class CombineError(ValueError):
-    """A bad combine rule, beta or member-reward matrix."""
+class EnsembleError(VLRMError, ValueError):
+    """A bad ensemble: combine rule, beta, member list or member-reward matrix; the message names the culprit."""
+
+
+CombineError = EnsembleError  # the name the combine math raises under
 
 
 def check_combine(combine: str, beta: float | None) -> float:

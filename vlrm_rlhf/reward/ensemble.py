@@ -36,6 +36,7 @@ from PIL import Image
 
 from .combine import (
     Combine,
+    EnsembleError,
     RunningMoments,
     batch_stats,
     check_combine,
@@ -56,7 +57,7 @@ from .shared_vision import (
 )
 from .trl import NonFiniteRewardError, VLRMReward, default_name
 
-__all__ = ["EnsembleReward", "Member", "ensemble_reward"]
+__all__ = ["EnsembleError", "EnsembleReward", "Member", "ensemble_reward"]
 
 MemberNormalize = Literal["batch", "running"]
 MemberSpec = str | Path | VLRewardScorer
@@ -123,19 +124,19 @@ class EnsembleReward(VLRMReward):
         self.beta = check_combine(combine, beta)
         self.combine = combine
         if member_normalize not in (None, "batch", "running"):
-            raise ValueError(f"member_normalize must be None, 'batch' or 'running', not {member_normalize!r}")
+            raise EnsembleError(f"member_normalize must be None, 'batch' or 'running', not {member_normalize!r}")
         if isinstance(members, str | Path | VLRewardScorer) or not members:
-            raise ValueError("an ensemble needs a list of members (reward model directories or VLRewardScorers)")
+            raise EnsembleError("an ensemble needs a list of members (reward model directories or VLRewardScorers)")
         if names is not None and len(names) != len(members):
-            raise ValueError(f"{len(names)} names for {len(members)} members")
+            raise EnsembleError(f"{len(names)} names for {len(members)} members")
         seen = [str(Path(m).resolve()) for m in members if not isinstance(m, VLRewardScorer)]
         dup = next((p for i, p in enumerate(seen) if p in seen[:i]), None)
         if dup is not None:
-            raise ValueError(f"ensemble member {dup} is listed twice")
-        scorers = [m if isinstance(m, VLRewardScorer) else _load(m, scorer_kwargs) for m in members]
+            raise EnsembleError(f"ensemble member {dup} is listed twice")
         if scorer_kwargs and len(seen) < len(members):
             raise TypeError(f"scorer options {sorted(scorer_kwargs)} apply to members given as paths only; "
                             "build the VLRewardScorer members with them instead")
+        scorers = [m if isinstance(m, VLRewardScorer) else _load(m, scorer_kwargs) for m in members]
         super().__init__(scorers[0], name=name or f"vlrm_ensemble_{combine}", normalize=normalize, clip=clip,
                          non_finite=non_finite, accelerator=accelerator)
         self._device_pinned = "device" in scorer_kwargs
@@ -143,7 +144,7 @@ class EnsembleReward(VLRMReward):
         labels = list(names) if names is not None else _unique(
             [default_name(_source(m, s), s.mode) for m, s in zip(members, scorers, strict=True)])
         if len(set(labels)) != len(labels):
-            raise ValueError(f"member names must be unique, got {labels}")
+            raise EnsembleError(f"member names must be unique, got {labels}")
         self.members = [Member(n, s) for n, s in zip(labels, scorers, strict=True)]
         self.groups = _group(self.members)
         if share_vision:
@@ -401,12 +402,12 @@ def ensemble_reward(members: Sequence[MemberSpec] | str | Path, *, grid: Any = N
     """An ``EnsembleReward`` from member directories/scorers, or from a merge recipe and a ``grid`` (in memory)."""
     if grid is not None:
         if not isinstance(members, str | Path):
-            raise ValueError("grid=... builds an in-memory ensemble from ONE merge recipe; got a list of members")
+            raise EnsembleError("grid=... builds an in-memory ensemble from ONE merge recipe; got a list of members")
         from .ensemble_recipe import ensemble_from_recipe
 
         return ensemble_from_recipe(members, grid, **kw)
     if isinstance(members, str | Path):
-        raise ValueError(f"{members}: an ensemble needs a list of members, or a merge recipe with grid=...")
+        raise EnsembleError(f"{members}: an ensemble needs a list of members, or a merge recipe with grid=...")
     return EnsembleReward(members, **kw)
 
 

@@ -6,6 +6,9 @@ with the same parameters) and keeps one model per point. Members share every ten
 per point — vision tower, projector, score head, buffers: the same ``Parameter`` objects — and own only their
 merged language-model tensors, so K members cost one model plus K − 1 merged language models, and their image
 features are computed once per batch (they share the vision path by construction).
+
+Under DeepSpeed ZeRO-3 every member gets its own engine, and engines must not share parameters: use members
+built on disk (``build``) there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from ..merge.recipe import Recipe, parse_recipe
+from .combine import EnsembleError
 from .ensemble import EnsembleReward, member_label
 from .scorer import VLRewardScorer
 
@@ -52,7 +56,7 @@ def merged_members(recipe: Recipe | str | Path, grid: Grid, *, dtype: str | None
 
     recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(Path(recipe))
     if recipe.output != "vlrm":
-        raise ValueError(f"an ensemble needs reward models: the recipe's output is {recipe.output!r}, not 'vlrm'")
+        raise EnsembleError(f"an ensemble needs reward models: the recipe's output is {recipe.output!r}, not 'vlrm'")
     parsed = parse_grid([grid] if isinstance(grid, str) else list(grid)) if not isinstance(grid, Mapping) else {
         k: list(v) for k, v in grid.items()}
     for note in check_grid(recipe, parsed):
@@ -67,7 +71,7 @@ def merged_members(recipe: Recipe | str | Path, grid: Grid, *, dtype: str | None
             try:
                 merger.check(o)
             except ValueError as e:
-                raise ValueError(f"grid point {member_label(p)}: {e}") from e
+                raise EnsembleError(f"grid point {member_label(p)}: {e}") from e
         own = {merger.names[n] for n in merger.merged}  # the tensors each point produces anew
         models = []
         for i, o in enumerate(overrides):
