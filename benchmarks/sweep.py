@@ -41,8 +41,8 @@ import transformers as tf
 
 from vlrm_rlhf.eval.prefs import evaluate_prefs
 from vlrm_rlhf.eval.records import load_pref_records
-from vlrm_rlhf.eval.sweep import grid_points, parse_grid, point_overrides
 from vlrm_rlhf.merge import build, parse_recipe
+from vlrm_rlhf.merge.grid import grid_points, parse_grid, point_overrides
 from vlrm_rlhf.merge.inmemory import InMemoryMerger
 from vlrm_rlhf.reward.scorer import VLRewardScorer
 from vlrm_rlhf.testing import zoo

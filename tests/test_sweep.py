@@ -12,17 +12,10 @@ import yaml
 from _helpers import load_all
 
 import vlrm_rlhf  # noqa: F401  (registers the VLRM classes)
-from vlrm_rlhf.eval.sweep import (
-    SweepError,
-    check_grid,
-    grid_points,
-    parse_grid,
-    plot_sweep,
-    point_overrides,
-    run_sweep,
-)
+from vlrm_rlhf.eval.sweep import SweepError, plot_sweep, run_sweep
 from vlrm_rlhf.files import OutputExistsError
 from vlrm_rlhf.merge import MergeError, RecipeError, build, parse_recipe
+from vlrm_rlhf.merge.grid import check_grid, grid_points, parse_grid, point_overrides
 from vlrm_rlhf.merge.inmemory import InMemoryMerger, state_dict_names
 from vlrm_rlhf.testing.zoo import demo_image, write_quick_recipe
 

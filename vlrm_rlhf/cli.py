@@ -148,8 +148,9 @@ def sweep(
 ) -> None:
     """Merge every grid point in memory, score preference accuracy on --data, write a CSV and a plot."""
     from .eval.records import load_pref_records
-    from .eval.sweep import check_grid, parse_grid, sweep_prefs
+    from .eval.sweep import sweep_prefs
     from .merge import parse_recipe
+    from .merge.grid import check_grid, parse_grid
 
     install_warning_hook()
     with handled(OSError):

@@ -1,145 +1,28 @@
 """Merge-parameter sweeps: every grid point merged in memory into one loaded model, evaluated, tabulated, plotted.
 
-Grid keys (``parse_grid``): ``lambda`` (alias ``weight``) is the ``weight`` of every non-base model (the paper's λ);
-``ROLE.PARAM`` (roles lvlm, rm, llm) is that model's parameter; ``parameters.PARAM`` or a bare ``PARAM`` (density,
-epsilon, gamma, t) is a top-level recipe parameter (``parameters.lambda`` is the method's own λ scaling).
+Grid keys are parsed and checked by ``merge.grid``.
 ``run_sweep`` writes ``sweep.csv`` and ``sweep.png`` and can save the best point as a real merged directory,
 built by the disk engine with the same parameters (bit-identical to the model that was evaluated).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import VLRMError
 from ..files import OutputExistsError, write_csv_atomic, write_figure_atomic
 from ..merge import methods as M
 from ..merge.engine import MergeError
+from ..merge.grid import GridError, check_grid, grid_points, parse_grid, point_overrides
 from ..merge.recipe import Recipe, RecipeError, parse_recipe
 
-__all__ = ["SweepError", "grid_points", "check_grid", "parse_grid", "plot_sweep", "point_overrides",
-           "pref_evaluator", "run_sweep", "sweep_prefs", "valid_keys"]
+__all__ = ["SweepError", "plot_sweep", "pref_evaluator", "run_sweep", "sweep_prefs"]
 
-ROLES = ("lvlm", "rm", "llm")
-WEIGHT_KEYS = ("lambda", "weight")  # grid aliases for the weight of every non-base model
-NUMERIC = ("weight", "density", "gamma", "epsilon", "lambda", "t")  # sweepable (numeric) merge parameters
-TOP = "parameters."
-_TOL = 1e-9
 Evaluate = Callable[[Any, Any], Mapping[str, float]]
-
-
-class SweepError(VLRMError, ValueError):
-    """A bad grid, key or output path; the message names the culprit and the valid choices."""
-
-
-# ---- grid ------------------------------------------------------------------------------------------------
-def _number(text: str, spec: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise SweepError(f"grid {spec!r}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(v):
-        raise SweepError(f"grid {spec!r}: {text.strip()!r} is not finite")
-    return v
-
-
-def _values(text: str, spec: str) -> list[float]:
-    """``start:stop:step`` (stop included within float tolerance) or ``a,b,c``."""
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise SweepError(f"grid {spec!r}: a range is start:stop:step, got {text!r}")
-        start, stop, step = (_number(p, spec) for p in parts)
-        if step == 0 or (stop - start) * step < 0:
-            raise SweepError(f"grid {spec!r}: step {step:g} does not lead from {start:g} to {stop:g}")
-        n = math.floor((stop - start) / step + _TOL) + 1
-        if n > 10_000:
-            raise SweepError(f"grid {spec!r}: {n} values; use a larger step")
-        vals = [round(start + i * step, 12) for i in range(n)]
-        if abs(vals[-1] - stop) <= _TOL * max(1.0, abs(stop)):
-            vals[-1] = stop
-        return vals
-    vals = [_number(p, spec) for p in text.split(",")] if text.strip() else []
-    if not vals:
-        raise SweepError(f"grid {spec!r}: no values (use a,b,c or start:stop:step)")
-    dup = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
-    if dup is not None:
-        raise SweepError(f"grid {spec!r}: value {dup:g} is listed twice")
-    return vals
-
-
-def parse_grid(specs: Sequence[str]) -> dict[str, list[float]]:
-    """Parse ``KEY=start:stop:step`` / ``KEY=a,b,c`` specs into {key: values}, keys in the given order."""
-    grid: dict[str, list[float]] = {}
-    seen: dict[str, str] = {}
-    for spec in specs:
-        key, eq, text = spec.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise SweepError(f"grid {spec!r}: expected KEY=VALUES, e.g. lambda=0:1:0.1 or density=0.2,0.4")
-        canon = "weight" if key in WEIGHT_KEYS else key
-        if canon in seen:
-            raise SweepError(f"grid {spec!r}: key {key!r} is already swept by {seen[canon]!r}")
-        seen[canon] = spec
-        grid[key] = _values(text, spec)
-    if not grid:
-        raise SweepError("empty grid: give at least one --grid KEY=VALUES")
-    return grid
-
-
-def grid_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
-    """The cartesian product of the grid in a fixed order: the first key varies slowest."""
-    keys = list(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-def _roles(recipe: Recipe) -> list[str]:
-    base = recipe.base_path()
-    return [m.role for m in recipe.models if m.role != "base" and m.model != base]
-
-
-def valid_keys(recipe: Recipe) -> list[str]:
-    """Grid keys this recipe's merge method accepts."""
-    m = M.get_method(recipe.merge_method)
-    per = [p for p in NUMERIC if p in m.input_params]
-    top = [p for p in NUMERIC if p in m.shared_params or p in m.input_params]
-    keys = list(WEIGHT_KEYS) if "weight" in per else []
-    keys += [p for p in top if p not in WEIGHT_KEYS] + [TOP + p for p in top]
-    return keys + [f"{r}.{p}" for r in _roles(recipe) for p in per]
-
-
-def check_grid(recipe: Recipe, grid: Mapping[str, Sequence[float]]) -> list[str]:
-    """Raise SweepError for a key the method does not take; return warnings for keys that cannot take effect."""
-    valid = valid_keys(recipe)
-    notes = []
-    for key in grid:
-        if key not in valid:
-            raise SweepError(f"unknown sweep key {key!r} for merge_method {recipe.merge_method}; "
-                             f"valid keys: {', '.join(valid)}")
-        param = key.removeprefix(TOP)
-        if "." not in param and key not in WEIGHT_KEYS and param in M.get_method(recipe.merge_method).input_params:
-            own = [m.role for m in recipe.models if m.role in _roles(recipe) and param in (m.parameters or {})]
-            if own:
-                notes.append(f"sweep key {key!r} is a top-level default, but {', '.join(own)} set(s) {param} "
-                             f"itself, which wins: sweep {', '.join(f'{r}.{param}' for r in own)} instead")
-    return notes
-
-
-def point_overrides(recipe: Recipe, point: Mapping[str, float]) -> dict[str, float]:
-    """Merger overrides (``PARAM`` top-level, ``ROLE.PARAM``) of a grid point; role-specific keys beat ``lambda``."""
-    out: dict[str, float] = {}
-    for key, v in point.items():
-        if key in WEIGHT_KEYS:
-            out.update({f"{r}.weight": v for r in _roles(recipe)})
-    for key, v in point.items():
-        if key not in WEIGHT_KEYS:
-            out[key.removeprefix(TOP)] = v
-    return out
+SweepError = GridError  # one error class for bad grids, keys, metrics and sweep outputs
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------
