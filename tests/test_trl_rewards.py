@@ -26,9 +26,10 @@ from _helpers import recipe
 from PIL import Image
 
 import vlrm_rlhf
+from vlrm_rlhf.reward.factory import reward_funcs
 from vlrm_rlhf.reward.inputs import InputError
 from vlrm_rlhf.reward.scorer import VLRewardScorer
-from vlrm_rlhf.reward.trl import NonFiniteRewardError, VLRMReward, reward_funcs
+from vlrm_rlhf.reward.trl import NonFiniteRewardError, VLRMReward
 from vlrm_rlhf.testing.zoo import demo_image
 
 QUESTION = "what color is the cat ?"

@@ -16,12 +16,16 @@ __all__ = ["EnsembleReward", "VLRMReward", "build", "ensemble_from_recipe", "par
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports: ``reward_funcs``/``VLRMReward`` (``reward.trl``), ``EnsembleReward`` (``reward.ensemble``),
+    """Lazy exports: ``reward_funcs`` (``reward.factory``), ``VLRMReward`` (``reward.trl``), ``EnsembleReward`` (``reward.ensemble``),
     ``ensemble_from_recipe`` (``reward.ensemble_recipe``)."""
-    if name in ("reward_funcs", "VLRMReward"):
-        from .reward import trl
+    if name == "reward_funcs":
+        from .reward.factory import reward_funcs
 
-        return getattr(trl, name)
+        return reward_funcs
+    if name == "VLRMReward":
+        from .reward.trl import VLRMReward
+
+        return VLRMReward
     if name == "EnsembleReward":
         from .reward.ensemble import EnsembleReward
 

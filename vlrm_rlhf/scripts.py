@@ -102,7 +102,7 @@ def load_reward_funcs(reward_model_path: str | None, modes: Sequence[str] = ("vl
     wrapped by ``checked_reward``."""
     import importlib
 
-    from .reward.trl import reward_funcs
+    from .reward.factory import reward_funcs
 
     funcs: list[Callable[..., Any]] = list(reward_funcs(reward_model_path, modes=tuple(modes), **kw)) \
         if reward_model_path else []

@@ -24,7 +24,6 @@ before combining.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -57,7 +56,7 @@ from .shared_vision import (
 )
 from .trl import NonFiniteRewardError, VLRMReward, default_name
 
-__all__ = ["EnsembleError", "EnsembleReward", "Member", "ensemble_reward"]
+__all__ = ["EnsembleError", "EnsembleReward", "Member"]
 
 MemberNormalize = Literal["batch", "running"]
 MemberSpec = str | Path | VLRewardScorer
@@ -396,21 +395,3 @@ def _dummy_plan(scorer: VLRewardScorer, kind: str) -> Plan:
         content.insert(0, {"type": "image", "image": Image.new("RGB", (64, 64), (127, 127, 127))})
     sample = make_sample([{"role": "user", "content": content}, {"role": "assistant", "content": "."}], None, None)
     return scorer.plan([sample])
-
-
-def ensemble_reward(members: Sequence[MemberSpec] | str | Path, *, grid: Any = None, **kw: Any) -> EnsembleReward:
-    """An ``EnsembleReward`` from member directories/scorers, or from a merge recipe and a ``grid`` (in memory)."""
-    if grid is not None:
-        if not isinstance(members, str | Path):
-            raise EnsembleError("grid=... builds an in-memory ensemble from ONE merge recipe; got a list of members")
-        from .ensemble_recipe import ensemble_from_recipe
-
-        return ensemble_from_recipe(members, grid, **kw)
-    if isinstance(members, str | Path):
-        raise EnsembleError(f"{members}: an ensemble needs a list of members, or a merge recipe with grid=...")
-    return EnsembleReward(members, **kw)
-
-
-def member_label(point: dict[str, float]) -> str:
-    """A log-friendly member name for a grid point: ``lambda_0.5``, ``rm.density_0.3_lambda_1``."""
-    return re.sub(r"[^\w.-]+", "_", "_".join(f"{k}_{v:g}" for k, v in point.items())).strip("_")

@@ -14,6 +14,7 @@ built on disk (``build``) there.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from ..merge.recipe import Recipe, parse_recipe
 from .combine import EnsembleError
-from .ensemble import EnsembleReward, member_label
+from .ensemble import EnsembleReward
 from .scorer import VLRewardScorer
 
 __all__ = ["ensemble_from_recipe", "merged_members"]
@@ -99,3 +100,8 @@ def ensemble_from_recipe(recipe: Recipe | str | Path, grid: Grid, *, dtype: str 
     ens = EnsembleReward(scorers, **reward_kw)
     ens._device_pinned = device is not None
     return ens
+
+
+def member_label(point: dict[str, float]) -> str:
+    """A log-friendly member name for a grid point: ``lambda_0.5``, ``rm.density_0.3_lambda_1``."""
+    return re.sub(r"[^\w.-]+", "_", "_".join(f"{k}_{v:g}" for k, v in point.items())).strip("_")

@@ -38,7 +38,7 @@ from ..errors import VLRMError
 from .inputs import InputError, Sample, make_sample
 from .scorer import Mode, Plan, VLRewardScorer
 
-__all__ = ["NonFiniteRewardError", "VLRMReward", "reward_funcs"]
+__all__ = ["NonFiniteRewardError", "VLRMReward", "default_name", "sibling_scorer"]
 
 Normalize = Literal["batch", "running"]
 _EPS = 1e-6
@@ -99,7 +99,7 @@ class VLRMReward:
                 raise TypeError(f"scorer options {sorted(scorer_kwargs)} need a path, not a ready VLRewardScorer")
             scorer = path_or_scorer
             if mode is not None and mode != scorer.mode:
-                scorer = _sibling(scorer, mode)
+                scorer = sibling_scorer(scorer, mode)
             source = getattr(scorer.model.config, "_name_or_path", "") or ""
         else:
             scorer = VLRewardScorer.from_pretrained(path_or_scorer, mode=mode or "vlrm", **scorer_kwargs)
@@ -309,47 +309,6 @@ class VLRMReward:
         return t.tolist()
 
 
-def reward_funcs(path: str | Path | Sequence[str | Path | VLRewardScorer], *, modes: Sequence[Mode] = ("vlrm",),
-                 **kw: Any) -> list[VLRMReward] | Any:
-    """Reward functions for ``GRPOTrainer``/``RLOOTrainer(reward_funcs=...)``: one ``VLRMReward`` per mode.
-
-    Ensembles: a LIST of members (``[dir_a, dir_b, ...]``), or a merge recipe with ``grid="lambda=0.5,0.7,1.0"``
-    (members merged in memory), returns ONE ``EnsembleReward`` (``reward/ensemble.py``; options ``combine``,
-    ``beta``, ``member_normalize``, ...) instead of a list.
-
-    ``kw`` holds ``VLRMReward`` options (``name`` is a base name; ``normalize``, ``clip``, ``non_finite``,
-    ``accelerator``) and scorer options (``device``, ``dtype``, ``max_batch_tokens``, ...). Modes
-    ``vlrm``/``no_image`` load the model once and share it (e.g. ``modes=("vlrm", "no_image")`` logs the
-    image ablation beside the reward; give it weight 0 with ``reward_weights``).
-    """
-    if not isinstance(path, str | Path) or "grid" in kw:
-        if tuple(modes) != ("vlrm",):
-            raise ValueError("modes=... does not apply to an ensemble: give its members as VLRewardScorers instead")
-        from .ensemble import ensemble_reward
-
-        return ensemble_reward(path, **kw)
-    if not modes:
-        raise ValueError("reward_funcs needs at least one mode")
-    if len(set(modes)) != len(modes):
-        raise ValueError(f"duplicate modes in {tuple(modes)}")
-    own = {k: kw.pop(k) for k in ("normalize", "clip", "non_finite", "accelerator", "name") if k in kw}
-    base = own.pop("name", None)
-    out: list[VLRMReward] = []
-    shared: VLRewardScorer | None = None
-    for m in modes:
-        name = None if base is None else (base if m == "vlrm" else f"{base}_{m}")
-        if m in ("vlrm", "no_image") and shared is not None:
-            out.append(VLRMReward(_sibling(shared, m), name=name or default_name(path, m), **own))
-            continue
-        r = VLRMReward(path, mode=m, name=name, **own, **kw)
-        if m in ("vlrm", "no_image"):
-            shared = r.scorer
-        out.append(r)
-    for r in out:  # siblings were built from a scorer: they keep an explicitly chosen device too
-        r._device_pinned = "device" in kw
-    return out
-
-
 # ---- helpers ------------------------------------------------------------------------------------------
 def default_name(source: str | Path, mode: str) -> str:
     """``vlrm_<dirname>`` (+ ``_<mode>`` for other modes), an identifier-like name for TRL's logs."""
@@ -357,7 +316,7 @@ def default_name(source: str | Path, mode: str) -> str:
     return f"vlrm_{stem}" + ("" if mode == "vlrm" else f"_{mode}")
 
 
-def _sibling(scorer: VLRewardScorer, mode: Mode) -> VLRewardScorer:
+def sibling_scorer(scorer: VLRewardScorer, mode: Mode) -> VLRewardScorer:
     """A scorer in another mode over the same model and processor (no second copy of the weights)."""
     return VLRewardScorer(scorer.model, scorer.processor, mode=mode, device=scorer.device,
                           captioner=scorer.captioner, captioner_processor=scorer.captioner_processor,
