@@ -252,7 +252,7 @@ def test_best_of_n_with_tiny_llava_policy(vlrm, caplog):
 
 
 def test_candidates_scored_once_per_text_and_empty_ones_lose():
-    from vlrm_rlhf.bon import _score_unique
+    from vlrm_rlhf.bon import score_unique
 
     calls = []
 
@@ -261,6 +261,6 @@ def test_candidates_scored_once_per_text_and_empty_ones_lose():
             calls.append(list(responses))
             return [float(len(r)) for r in responses]
 
-    assert _score_unique(Recording(), "q", ["ab", "", "ab", "abc"], []) == [2.0, -math.inf, 2.0, 3.0]
+    assert score_unique(Recording(), "q", ["ab", "", "ab", "abc"], []) == [2.0, -math.inf, 2.0, 3.0]
     assert calls == [["ab", "abc"]]
-    assert _score_unique(Recording(), "q", ["", ""], []) == [-math.inf, -math.inf] and len(calls) == 1
+    assert score_unique(Recording(), "q", ["", ""], []) == [-math.inf, -math.inf] and len(calls) == 1

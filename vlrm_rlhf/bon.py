@@ -126,7 +126,7 @@ def best_of_n(
                 torch.manual_seed(prompt_seed(seed, i))
             out = policy.generate(**enc, **gen)
         candidates = [t.strip() for t in tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)]
-        scores = _score_unique(scorer, sample.messages, candidates, sample.images)
+        scores = score_unique(scorer, sample.messages, candidates, sample.images)
         tied = tied_indices(scores)
         if tie_break == "first" or len(tied) == 1:
             pick = tied[0]
@@ -158,7 +158,7 @@ def _encode_prompt(processor: Any, messages: list[dict], images: list, device: t
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(enc).items()}
 
 
-def _score_unique(scorer: Any, prompt: Any, candidates: list[str], images: list) -> list[float]:
+def score_unique(scorer: Any, prompt: Any, candidates: list[str], images: list) -> list[float]:
     """Scores of the candidates, each distinct non-empty text scored once (``-inf`` for empty ones)."""
     unique = list(dict.fromkeys(c for c in candidates if c))
     if not unique:
