@@ -83,9 +83,9 @@ class MergePlan:
         self._check_pairing()
         self.vocabs, self.out_vocab = self._build_vocab()
         self.producers, self.specs = self._build_producers()
+        # decoder layers of the base text model (Mllama's cross-attention layers not counted)
         idx = [i for c in lv.text if (i := layer_of(c)) is not None]
-        self.n_layers: int = 1 + max(idx) if idx else 0  # decoder layers of the base text model (Mllama's
-        # cross-attention layers not counted)
+        self.n_layers: int = 1 + max(idx) if idx else 0
         self._check_schedules(recipe)
         for w in M.inert_parameter_warnings(recipe.merge_method, recipe.parameters or {}, [m.params or {} for m in self.models]):
             warnings.warn(w, stacklevel=2)
