@@ -24,6 +24,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, 
 
 from vlrm_rlhf import prompt_data, scripts
 from vlrm_rlhf.files import write_jsonl_atomic
+from vlrm_rlhf.models.loading import pretrained
 
 
 @dataclass
@@ -72,12 +73,15 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
     if not (model_args.model_name_or_path and script_args.reward_model_path and script_args.dataset_name):
         raise prompt_data.DataError("--model_name_or_path, --reward_model_path and --dataset_name are required")
     dataset = prompt_data.load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
-                                              require_images=scripts.policy_needs_images(model_args.model_name_or_path))
+                                              require_images=scripts.policy_needs_images(
+                                                  model_args.model_name_or_path, model_args.trust_remote_code))
     scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode)
     scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    policy: Any = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    trust = model_args.trust_remote_code  # the user's own flag; False by default: never a prompt
+    policy: Any = pretrained(AutoModelForImageTextToText, model_args.model_name_or_path, dtype=dtype,
+                             trust_remote_code=trust)
+    processor = pretrained(AutoProcessor, model_args.model_name_or_path, trust_remote_code=trust)
     peft_config = get_peft_config(model_args)
     out = Path(training_args.output_dir)
     history = []

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .reward.inputs import InputError, load_image, make_sample
+from .reward.inputs import InputError, confine_image_path, image_roots, load_image, make_sample
 from .reward.records import RecordError
 
 log = logging.getLogger(__name__)
@@ -280,12 +280,22 @@ TEXT_MODES = ("text_rm", "no_image")  # modes that never look at the images
 
 
 def find_row_image(rec: Mapping[str, Any], where: str, base_dir: Path, images_dir: Path | None,
-                   image_key: str = "id") -> Path | None:
+                   image_key: str = "id", images_root: Sequence[Path] = ()) -> Path | None:
     """A best-of-n row's image file: its ``image`` path (relative to ``base_dir``, the input file's folder),
-    else ``{images_dir}/{rec[image_key]}`` with a .jpg/.png/.jpeg suffix; None when neither applies."""
+    else ``{images_dir}/{rec[image_key]}`` with a .jpg/.png/.jpeg suffix; None when neither applies.
+
+    The file must resolve (after symlinks) inside ``base_dir``, ``images_dir`` or an ``images_root`` folder."""
+    roots = image_roots(base_dir, images_dir, extra=images_root)
+
+    def confined(p: Path, shown: Any) -> Path:
+        try:
+            return confine_image_path(p, shown, roots)
+        except InputError as e:
+            raise RecordError(f"{where}: {e}") from None
+
     if rec.get("image"):
         p = Path(rec["image"])
-        p = p if p.is_absolute() else base_dir / p
+        p = confined(p if p.is_absolute() else base_dir / p, rec["image"])
         if not p.is_file():
             raise RecordError(f"{where}: image file not found: {p}")
         return p
@@ -293,7 +303,8 @@ def find_row_image(rec: Mapping[str, Any], where: str, base_dir: Path, images_di
         return None
     if rec.get(image_key) is None:
         raise RecordError(f"{where}: no {image_key!r} field to find its image in {images_dir} (see --image-key)")
-    tried = [images_dir / f"{rec[image_key]}{s}" for s in IMAGE_SUFFIXES]
+    tried = [confined(images_dir / f"{rec[image_key]}{s}", f"{images_dir / str(rec[image_key])}{s}")
+             for s in IMAGE_SUFFIXES]
     for p in tried:
         if p.is_file():
             return p
@@ -356,7 +367,7 @@ def score_bon_rows(
             continue
         uniq = list(dict.fromkeys(resp))
         try:
-            image = load_image(path, where=f"{names[i]}: ")
+            image = load_image(path)
             got = dict(zip(uniq, scorer.score_candidates(prompt_of(i), uniq, [image]), strict=True))
         except RecordError:
             raise

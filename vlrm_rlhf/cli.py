@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from .analysis.cli import analyze_app
-from .cli_common import check_mode, handled, install_warning_hook, load_scorer, run_rerank
+from .cli_common import IMAGES_ROOT_HELP, check_mode, handled, install_warning_hook, load_scorer, run_rerank
 from .eval.cli import eval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-language RLHF with merged rewards.")
@@ -79,6 +79,7 @@ def rerank(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
+    images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
 ) -> None:
     """Score every response of a best-of-n file and report Pass@1, Pass@N, Random and RM accuracy.
 
@@ -86,7 +87,7 @@ def rerank(
     """
     import json
 
-    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n)
+    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root)
     k = metrics["n"]
     typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
                f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
@@ -108,8 +109,10 @@ def score(
     lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per scoring call."),
+    images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
 ) -> None:
-    """Reward of each (images, prompt, response) row; image paths are relative to the input file."""
+    """Reward of each (images, prompt, response) row; image paths are relative to the input file and must lie
+    inside its folder (or an --images-root folder). A non-finite reward is an error naming the row."""
     from . import bon
     from .files import check_writable, read_jsonl, write_jsonl_atomic
     from .reward.records import row_image_paths, score_records
@@ -121,7 +124,7 @@ def score(
         lines = read_jsonl(input)
         records = [r for _, r in lines]
         names = [f"{input} line {ln}" for ln, _ in lines]
-        paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent)
+        paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent, images_root or ())
                  for nm, r in zip(names, records, strict=True)]
     scorer = load_scorer(model, mode, lvlm)
     with handled(OSError):

@@ -69,8 +69,13 @@ def load_scorer(model: Path, mode: str, lvlm: Path | None) -> Any:
         fail(f"cannot load reward model {model} (mode {mode}): {first_line(e)}")
 
 
+IMAGES_ROOT_HELP = ("Also allow images under this folder (repeatable). By default image paths must resolve, after "
+                    "symlinks, inside the data file's folder (or --images-dir).")
+
+
 def run_rerank(input: Path, model: Path, mode: str, lvlm: Path | None, images_dir: Path | None, image_key: str,
-           out: Path | None, force: bool, batch_size: int, n: int | None) -> tuple[dict, float]:
+           out: Path | None, force: bool, batch_size: int, n: int | None,
+           images_root: list[Path] | None = None) -> tuple[dict, float]:
     """``rerank_file`` with the command line's checks and messages (shared by ``rerank`` and ``eval bon``)."""
     from .rerank import rerank_file
 
@@ -78,4 +83,5 @@ def run_rerank(input: Path, model: Path, mode: str, lvlm: Path | None, images_di
     check_mode(mode, lvlm)
     with handled(OSError):
         return rerank_file(input, lambda: load_scorer(model, mode, lvlm), mode=mode, images_dir=images_dir,
-                           image_key=image_key, out=out, force=force, batch_size=batch_size, n=n)
+                           image_key=image_key, out=out, force=force, batch_size=batch_size, n=n,
+                           images_root=images_root or ())

@@ -7,7 +7,7 @@ The one action behind ``vlrm-rlhf rerank`` and ``vlrm-rlhf eval bon``. Bad input
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,11 @@ from .files import check_writable, read_jsonl, write_jsonl_atomic
 
 
 def read_bon_file(input: Path, mode: str, images_dir: Path | None = None, image_key: str = "id",
-                  n: int | None = None) -> tuple[list[dict[str, Any]], list[Path | None], list[str]]:
-    """The rows of a best-of-n JSONL file, checked, with each row's image (None in text modes) and name."""
+                  n: int | None = None, images_root: Sequence[Path] = (),
+                  ) -> tuple[list[dict[str, Any]], list[Path | None], list[str]]:
+    """The rows of a best-of-n JSONL file, checked, with each row's image (None in text modes) and name.
+
+    Images must lie inside the file's folder, ``images_dir`` or an ``images_root`` folder."""
     if images_dir is not None and not images_dir.is_dir():
         raise RecordError(f"--images-dir {images_dir} is not a folder")
     lines = read_jsonl(input)
@@ -27,7 +30,8 @@ def read_bon_file(input: Path, mode: str, images_dir: Path | None = None, image_
     paths: list[Path | None] = []
     for i, (name, rec) in enumerate(zip(names, records, strict=True)):
         bon.check_record(i, rec, n, where=name)
-        path = None if mode in bon.TEXT_MODES else bon.find_row_image(rec, name, input.parent, images_dir, image_key)
+        path = None if mode in bon.TEXT_MODES else \
+            bon.find_row_image(rec, name, input.parent, images_dir, image_key, images_root)
         if path is None and mode not in bon.TEXT_MODES:
             raise RecordError(f"{name}: no image, and --mode {mode} needs one per row: give --images-dir "
                               f"(files named {{{image_key}}}.jpg|.png) or an 'image' path in each row, "
@@ -38,7 +42,7 @@ def read_bon_file(input: Path, mode: str, images_dir: Path | None = None, image_
 
 def rerank_file(input: Path, load_scorer: Callable[[], Any], *, mode: str = "vlrm", images_dir: Path | None = None,
                 image_key: str = "id", out: Path | None = None, force: bool = False, batch_size: int = 8,
-                n: int | None = None) -> tuple[dict[str, Any], float]:
+                n: int | None = None, images_root: Sequence[Path] = ()) -> tuple[dict[str, Any], float]:
     """Score every response of a best-of-n file and return its metrics and the scoring time in seconds.
 
     ``load_scorer()`` is called only once the file (and ``out``'s writability) has been checked, so bad input
@@ -46,7 +50,7 @@ def rerank_file(input: Path, load_scorer: Callable[[], Any], *, mode: str = "vlr
     """
     if out is not None:
         check_writable(out, force)
-    records, paths, names = read_bon_file(input, mode, images_dir, image_key, n)
+    records, paths, names = read_bon_file(input, mode, images_dir, image_key, n, images_root)
     scorer = load_scorer()
     t0 = time.perf_counter()
     scores = bon.score_bon_rows(scorer, records, paths, n=n, batch_size=batch_size, names=names)

@@ -44,11 +44,13 @@ class RewardScriptArguments(ScriptArguments):
         "help": "Normalise VLRM rewards: 'batch' or 'running' (default: raw)."})
 
 
-def policy_needs_images(model_name_or_path: str) -> bool:
+def policy_needs_images(model_name_or_path: str, trust_remote_code: bool = False) -> bool:
     """Whether the policy checkpoint is a vision-language model (its config has a separate text config)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_name_or_path)
+    from .models.loading import pretrained
+
+    cfg = pretrained(AutoConfig, model_name_or_path, trust_remote_code=trust_remote_code)
     return cfg.get_text_config() is not cfg
 
 
@@ -184,7 +186,8 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
     if not script_args.dataset_name:
         raise DataError("--dataset_name (a prompt dataset file or directory) is required")
     dataset = load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
-                                  require_images=policy_needs_images(policy))
+                                  require_images=policy_needs_images(
+                                      policy, getattr(model_args, "trust_remote_code", False)))
     rewards = load_reward_funcs(script_args.reward_model_path, script_args.reward_modes,
                                 script_args.reward_funcs, normalize=script_args.reward_normalize)
     # fail now, not after the first generation: a VLRM that cannot render these conversations, a reward

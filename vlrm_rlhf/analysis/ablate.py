@@ -19,6 +19,7 @@ import torch
 
 from ..merge.checkpoint import Checkpoint
 from ..merge.schedules import layer_of
+from ..models.loading import pretrained
 from . import AnalysisError
 from .tasks import Task, TaskScorer, TaskScores
 
@@ -48,14 +49,14 @@ def load_lvlm(path: str | Path, dtype: torch.dtype | None = None):
             ckpt = Checkpoint(path, "llm")
         except CheckpointError as e:
             raise AnalysisError(str(e)) from e
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-        return model, transformers.AutoTokenizer.from_pretrained(path), ckpt
+        model = pretrained(transformers.AutoModelForCausalLM, path, **kw).eval()
+        return model, pretrained(transformers.AutoTokenizer, path), ckpt
     try:
         ckpt = Checkpoint(path, "lvlm")
     except CheckpointError as e:
         raise AnalysisError(str(e)) from e
     cls = getattr(transformers, ckpt.family.lvlm_class)
-    model = cls.from_pretrained(path, **kw).eval()
+    model = pretrained(cls, path, **kw).eval()
     return model, load_processor(path), ckpt
 
 

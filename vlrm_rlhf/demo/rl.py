@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..models.loading import pretrained
 from ..worlds.shapes import QA, World, grade, questions
 from ..worlds.text import messages
 
@@ -36,7 +37,7 @@ def best_of_n_stage(lvlm_dir: Path, vlrm_dir: Path, items: list[tuple[Any, QA]],
     from ..models.processing import load_processor
     from ..reward.scorer import VLRewardScorer
 
-    policy = AutoModelForImageTextToText.from_pretrained(lvlm_dir).eval()
+    policy = pretrained(AutoModelForImageTextToText, lvlm_dir).eval()
     proc = load_processor(lvlm_dir)
     scorer = VLRewardScorer.from_pretrained(vlrm_dir, mode="vlrm")
     convs = [messages(qa.question, image=True) for _, qa in items]
@@ -85,7 +86,7 @@ def ppo_stage(world: World, lvlm_dir: Path, vlrm_dir: Path, out: Path, *, update
         qa = rng.choice(questions(world.train.scenes[i]))
         rows.append({"prompt": messages(qa.question, image=True), "image": world.train.image(i)})
     proc = load_processor(lvlm_dir)
-    before = greedy_quality(AutoModelForImageTextToText.from_pretrained(lvlm_dir).eval(), proc, eval_items)
+    before = greedy_quality(pretrained(AutoModelForImageTextToText, lvlm_dir).eval(), proc, eval_items)
     args = VLPPOConfig(
         output_dir=str(out / "ppo"), per_device_train_batch_size=batch // 2, gradient_accumulation_steps=2,
         num_mini_batches=2, num_ppo_epochs=2, total_episodes=updates * batch, response_length=10, stop_token="eos",

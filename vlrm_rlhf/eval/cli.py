@@ -10,7 +10,15 @@ from pathlib import Path
 
 import typer
 
-from ..cli_common import check_mode, fail, first_line, install_warning_hook, load_scorer, run_rerank
+from ..cli_common import (
+    IMAGES_ROOT_HELP,
+    check_mode,
+    fail,
+    first_line,
+    install_warning_hook,
+    load_scorer,
+    run_rerank,
+)
 from ..errors import VLRMError
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -45,6 +53,7 @@ def prefs(
     judge_kind: str = typer.Option("loglik_sum", "--judge-kind", help="loglik_sum | loglik_mean | yes_no (mode judge)."),
     judge_template: str = typer.Option(None, "--judge-template", help="yes_no prompt with {question} and {answer}."),
     images_dir: Path = typer.Option(None, "--images-dir", help="Folder that relative image paths are looked up in first."),
+    images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
     split: str = typer.Option(None, "--split", help="Split of a save_to_disk DatasetDict (default: test, or the only one)."),
     out: Path = typer.Option(None, "--out", "-o", help="Results JSON; RESULTS.md and RESULTS.records.jsonl go next to it."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
@@ -84,7 +93,8 @@ def prefs(
         scorer_dir = model
     paths = _outputs(out, force, (".md", ".records.jsonl"))
     try:
-        loaded = load_pref_data(data, images_dir=images_dir, limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
+        loaded = load_pref_data(data, images_dir=images_dir, images_root=images_root or (),
+                                limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
     except VLRMError as e:  # PrefDataError: the file, row or field at fault
         fail(str(e))
     if mode == "judge":
@@ -138,6 +148,7 @@ def bon(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
+    images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
 ) -> None:
     """Best-of-n reranking: Pass@1, Pass@N, Random, RM accuracy and tie rate as a markdown table.
 
@@ -150,7 +161,8 @@ def bon(
 
     install_warning_hook()
     paths = _outputs(out, force, (".md",))
-    metrics, dt = run_rerank(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n)
+    metrics, dt = run_rerank(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n,
+                             images_root)
     label = label or f"{mode} ({model.name})"
     table = bon_markdown_table({label: metrics})
     head = f"best-of-{metrics['n']} on {data} ({metrics['count']} rows; {dt:.1f} s)"

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import VLRMError
+from ..models.loading import pretrained
 from ..reward.inputs import InputError, Sample, make_sample
 from ..reward.scorer import render_chat
 
@@ -100,7 +101,7 @@ class LVLMJudge:
                              "(an ...ForConditionalGeneration directory)")
         if "vision_config" not in cfg and "text_config" not in cfg:
             raise JudgeError(f"{path} is a text model ({cfg.get('model_type')}); the judge needs a vision-language model")
-        model = AutoModelForImageTextToText.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        model = pretrained(AutoModelForImageTextToText, path, **({"dtype": dtype} if dtype else {}))
         return cls(model, load_processor(path), kind=kind, device=device, **kw)
 
     # ---- public API ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Sources: a ``.jsonl`` file, a ``.json`` array, a ``.parquet`` file or a ``datasets.save_to_disk`` directory. ``image`` (or
 ``images``) may be a path (relative to ``--images-dir`` if given, else to the data file's folder), a list of
 paths, a ``datasets`` Image value (PIL, or ``{"bytes", "path"}``), raw bytes, or missing/None (text only).
+A path must resolve (after symlinks) inside the data file's folder, ``images_dir`` or an ``images_root`` folder.
 Every image is decoded **once**, here: records hold RGB PIL images, so evaluating the same records many
 times (e.g. a merge sweep) never touches the disk again.
 
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from ..reward.inputs import InputError
+from ..reward.inputs import InputError, confine_image_path, image_roots, inside_roots, open_image
 
 __all__ = ["CATEGORY_ORDER", "PrefData", "PrefDataError", "PrefRecord", "category_of_id", "load_pref_data",
            "load_pref_records"]
@@ -84,11 +85,14 @@ def load_pref_data(
     path: str | Path,
     *,
     images_dir: str | Path | None = None,
+    images_root: Sequence[str | Path] = (),
     limit: int | None = None,
     split: str | None = None,
     ties: Literal["skip", "error"] = "skip",
 ) -> PrefData:
-    """Load, validate and decode a preference file (first ``limit`` rows); errors name file, row and field."""
+    """Load, validate and decode a preference file (first ``limit`` rows); errors name file, row and field.
+
+    Image paths must resolve inside the file's folder, ``images_dir`` or an ``images_root`` folder."""
     import logging
 
     if ties not in ("skip", "error"):
@@ -97,9 +101,11 @@ def load_pref_data(
     if images_dir is not None and not Path(images_dir).is_dir():
         raise PrefDataError(f"images folder not found: {images_dir}")
     base = path if path.is_dir() else path.parent
+    imgs = Path(images_dir) if images_dir is not None else None
+    roots = image_roots(base, imgs, extra=images_root)
     records, skipped = [], []
     for i, (where, row) in enumerate(_rows(path, limit, split)):
-        rec = _record(row, i, where, base, Path(images_dir) if images_dir is not None else None)
+        rec = _record(row, i, where, base, imgs, roots)
         if rec is None:
             if ties == "error":
                 where += f" (id {row['id']})" if row.get("id") is not None else ""
@@ -185,7 +191,8 @@ def _dataset_rows(path: Path, limit: int | None, split: str | None) -> Iterator[
 
 
 # ---- validating one row -------------------------------------------------------------------------------
-def _record(row: dict[str, Any], index: int, where: str, base: Path, images_dir: Path | None) -> PrefRecord | None:
+def _record(row: dict[str, Any], index: int, where: str, base: Path, images_dir: Path | None,
+            roots: Sequence[Path]) -> PrefRecord | None:
     """A validated record (id: the ``id`` field, else the row index), or None for a tie in the human ranking."""
     if not isinstance(row, dict):
         raise PrefDataError(f"{where}: expected an object, got {_type(row)}")
@@ -208,7 +215,7 @@ def _record(row: dict[str, Any], index: int, where: str, base: Path, images_dir:
         return None
     category = _category(row, rid if row.get("id") is not None else "", where)
     key = "image" if row.get("image") is not None or "images" not in row else "images"
-    images = [_decode(x, f"{where}: field {key!r}", base, images_dir) for x in _image_items(row.get(key))]
+    images = [_decode(x, f"{where}: field {key!r}", base, images_dir, roots) for x in _image_items(row.get(key))]
     return PrefRecord(rid, query, (responses[0], responses[1]), preferred, category, images, where)
 
 
@@ -253,31 +260,39 @@ def _image_items(value: Any) -> list[Any]:
     return [value]
 
 
-def _decode(x: Any, where: str, base: Path, images_dir: Path | None) -> Image.Image:
-    """An RGB PIL image from a PIL image, bytes, a datasets ``{bytes, path}`` dict or a path."""
+def _decode(x: Any, where: str, base: Path, images_dir: Path | None, roots: Sequence[Path]) -> Image.Image:
+    """An RGB PIL image from a PIL image, bytes, a datasets ``{bytes, path}`` dict or a (confined) path."""
     if isinstance(x, dict):  # bytes win: a hub parquet's "path" is only the original file name
         x = x.get("bytes") if x.get("bytes") is not None else x.get("path")
+    if isinstance(x, Image.Image):
+        return x if x.mode == "RGB" else x.convert("RGB")
+    if isinstance(x, bytes | bytearray):
+        src, shown = io.BytesIO(x), "image bytes"
+    elif isinstance(x, str | Path) and str(x):
+        src = _resolve(Path(x), base, images_dir, roots, where)
+        shown = f"image file {src}"
+    else:
+        raise PrefDataError(f"{where}: unsupported image value {_type(x)}")
     try:
-        if isinstance(x, Image.Image):
-            return x if x.mode == "RGB" else x.convert("RGB")
-        if isinstance(x, bytes | bytearray):
-            with Image.open(io.BytesIO(x)) as im:
-                return im.convert("RGB")
-        if isinstance(x, str | Path) and str(x):
-            p = _resolve(Path(x), base, images_dir, where)
-            with Image.open(p) as im:
-                return im.convert("RGB")
-    except OSError as e:
-        raise PrefDataError(f"{where}: cannot decode image ({e})") from None
-    raise PrefDataError(f"{where}: unsupported image value {_type(x)}")
+        return open_image(src, shown)
+    except InputError as e:
+        raise PrefDataError(f"{where}: {e}") from None
 
 
-def _resolve(p: Path, base: Path, images_dir: Path | None, where: str) -> Path:
+def _resolve(p: Path, base: Path, images_dir: Path | None, roots: Sequence[Path], where: str) -> Path:
+    """The image file a path names: absolute, else under ``images_dir`` first, then the data file's folder.
+    Only candidates inside ``roots`` are looked at; none inside is a refusal naming the path."""
     tried = [p] if p.is_absolute() else [d / p for d in (images_dir, base) if d is not None]
-    for t in tried:
+    allowed = [t for t in tried if inside_roots(t, roots)]
+    if not allowed:
+        try:
+            confine_image_path(tried[0], p, roots)
+        except InputError as e:
+            raise PrefDataError(f"{where}: {e}") from None
+    for t in allowed:
         if t.is_file():
             return t
-    raise PrefDataError(f"{where}: image file not found: {' or '.join(map(str, tried))}")
+    raise PrefDataError(f"{where}: image file not found: {' or '.join(map(str, allowed))}")
 
 
 def _type(x: Any) -> str:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import VLRMError
 from ..models.families import Family, get_family
+from ..models.loading import RemoteCodeError, TokenizerLoadError, load_tokenizer, pretrained
 from .schedules import split_layer
 
 Role = Literal["base", "lvlm", "rm", "llm"]
@@ -84,7 +85,9 @@ class Checkpoint:
             raw = json.loads((self.path / "config.json").read_text())
             get_family(raw.get("model_type", "?"), where=str(self.path))
         try:
-            self.config = AutoConfig.from_pretrained(self.path)
+            self.config = pretrained(AutoConfig, self.path)
+        except RemoteCodeError as e:
+            raise CheckpointError(f"{role} model {e}") from None
         except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
             raise CheckpointError(f"cannot read config of {role} model {self.path}: {e}") from e
         self.family: Family | None = None
@@ -258,13 +261,12 @@ class Checkpoint:
         return rel
 
     def tokenizer(self):
-        """The checkpoint's tokenizer, or None when it ships none."""
-        from transformers import AutoTokenizer
-
+        """The checkpoint's tokenizer, or None when it ships no tokenizer files; files that fail to load are a
+        ``CheckpointError`` with the loader's reason (never mistaken for "no tokenizer")."""
         try:
-            return AutoTokenizer.from_pretrained(self.path)
-        except Exception:  # noqa: BLE001 - a checkpoint without tokenizer files
-            return None
+            return load_tokenizer(self.path, where=f"{self.role} model {self.path}")
+        except (TokenizerLoadError, RemoteCodeError) as e:
+            raise CheckpointError(str(e) if isinstance(e, TokenizerLoadError) else f"{self.role} model {e}") from e
 
     def close(self) -> None:
         self._handles.clear()

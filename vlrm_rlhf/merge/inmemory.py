@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
+from ..models.loading import pretrained
 from . import methods as M
 from .checkpoint import Checkpoint, CheckpointError
 from .engine import MergeError, MergePlan
@@ -154,7 +155,7 @@ class InMemoryMerger:
             finalize_output(plan, Path(tmp))  # config + tokenizer/processor files exactly as `build` writes them
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(tmp)
+            config = pretrained(AutoConfig, tmp)
             self.processor = load_processor(tmp)
         self.model = _skeleton(config, self.recipe.output, plan.out_dtype).eval()
         self.names = state_dict_names(self.model, list(plan.specs))  # output name -> model state_dict name

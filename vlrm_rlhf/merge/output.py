@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 from pydantic_core import to_jsonable_python
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
+
+from ..models.loading import load_tokenizer, pretrained
 
 _SKIP = {"config.json", "README.md", "merge_recipe.yaml", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _LIBS = ("vlrm-rlhf", "torch", "transformers", "safetensors", "huggingface_hub")
@@ -55,7 +57,7 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
             if plan.recipe.output == "vlrm" and f.name == "generation_config.json":
                 continue
             shutil.copy2(f, out / f.name)
-    config = AutoConfig.from_pretrained(lv.name)
+    config = pretrained(AutoConfig, lv.name)
     text_cfg = config.get_text_config()
     embed_key = lv.ckpt.embed_key
     grow = plan.specs[embed_key].shape[0] - lv.ckpt.shape(embed_key)[0]
@@ -65,10 +67,7 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
 
     tok = None
     if plan.out_vocab.appended or plan.recipe.output == "vlrm":
-        try:
-            tok = AutoTokenizer.from_pretrained(out)
-        except Exception:  # noqa: BLE001 - the LVLM ships no tokenizer
-            tok = None
+        tok = load_tokenizer(out, where=f"lvlm {lv.name}")  # None: the LVLM ships no tokenizer
     if tok is not None and plan.out_vocab.appended:
         added = tok.add_tokens([t for t, _ in plan.out_vocab.appended])
         if added != len(plan.out_vocab.appended) or any(

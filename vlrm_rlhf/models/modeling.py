@@ -68,13 +68,14 @@ def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
     from transformers import AutoConfig
 
     from .families import get_family
+    from .loading import pretrained
 
-    config = AutoConfig.from_pretrained(path)
+    config = pretrained(AutoConfig, path, trust_remote_code=kwargs.pop("trust_remote_code", False))
     family = get_family(config.model_type, where=str(path))
     config.num_labels = num_labels
     config.architectures = [family.seq_cls]
     cls = VLRM_CLASSES[family.model_type]
-    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    model, info = pretrained(cls, path, config=config, output_loading_info=True, **kwargs)
     missing = sorted(set(info["missing_keys"]) - {"score.weight"})
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:

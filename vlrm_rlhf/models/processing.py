@@ -12,7 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+
+from ..errors import VLRMError
+from .loading import RemoteCodeError, first_line, load_tokenizer, pretrained
 
 
 def _qwen(inputs: Mapping[str, Any], i: int, cfg: dict) -> tuple[str, str]:
@@ -34,14 +37,20 @@ _EXPANSIONS: dict[str, Callable[[Mapping[str, Any], int, dict], tuple[str, str]]
 }
 
 
+class ProcessorLoadError(VLRMError, ValueError):
+    """A model folder whose processor cannot be loaded; the message names the folder and the loader's reason."""
+
+
 class FallbackProcessor:
     """Tokenizer + image processor + placeholder expansion; the subset of a processor that scoring uses."""
 
     def __init__(self, path: str | Path, model_type: str):
         self.path = Path(path)
         self.model_type = model_type
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = AutoImageProcessor.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
+        if self.tokenizer is None:
+            raise ProcessorLoadError(f"{path} ships no tokenizer")
+        self.image_processor = pretrained(AutoImageProcessor, path)
         self.config = json.loads((self.path / "config.json").read_text())
         self.chat_template = self.tokenizer.chat_template
 
@@ -76,12 +85,18 @@ class FallbackProcessor:
 
 
 def load_processor(path: str | Path):
-    """``AutoProcessor`` for a model directory, or the image-only fallback for families that need torchvision."""
+    """``AutoProcessor`` for a model directory, or the image-only fallback for families that need torchvision.
+
+    A processor that fails because the folder's tokenizer fails to load raises ``TokenizerLoadError`` with the
+    tokenizer loader's reason; any other failure ``ProcessorLoadError`` naming the folder."""
     path = Path(path)
     try:
-        return AutoProcessor.from_pretrained(path)
-    except (ImportError, ValueError, TypeError, OSError) as e:
-        mt = json.loads((path / "config.json").read_text()).get("model_type")
+        return pretrained(AutoProcessor, path)
+    except RemoteCodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers' own errors are plain Exceptions; re-raised named below
+        load_tokenizer(path)  # a broken tokenizer is the usual culprit: say so, with its reason
+        mt = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").is_file() else None
         if mt in _EXPANSIONS:
             return FallbackProcessor(path, mt)
-        raise ValueError(f"cannot load a processor from {path}: {e}") from e
+        raise ProcessorLoadError(f"cannot load a processor from {path}: {first_line(e)}") from e

@@ -2,6 +2,9 @@
 
 Everything downstream sees a ``Sample``: chat messages whose content is a list of typed blocks (image
 blocks carry no payload) and the sample's images, in placeholder order, as PIL images.
+
+Image paths read from a data file are confined (``confine_image_path``): after following symlinks they must lie
+inside an allowed folder (the data file's, ``--images-dir``, or an explicit ``--images-root``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,38 @@ class Sample:
         return " ".join(b["text"] for m in self.messages if m["role"] == role for b in m["content"] if b.get("type") == "text")
 
 
+def image_roots(*folders: str | Path | None, extra: Sequence[str | Path] = ()) -> list[Path]:
+    """The folders (symlinks resolved) that image paths from a data file may point into: the given ones
+    (the data file's folder, ``--images-dir``; None skipped) and ``extra`` (``--images-root``)."""
+    return [Path(f).resolve() for f in (*folders, *extra) if f is not None]
+
+
+def inside_roots(p: str | Path, roots: Sequence[Path]) -> bool:
+    """Whether ``p`` resolves (after symlinks) inside one of ``roots`` (resolved folders)."""
+    real = Path(p).resolve()
+    return any(real.is_relative_to(r) for r in roots)
+
+
+def confine_image_path(p: Path, shown: Any, roots: Sequence[Path], where: str = "") -> Path:
+    """``p`` if it resolves (after symlinks) inside one of ``roots``, else an ``InputError`` naming the path
+    as the data file gave it (``shown``). Checked before the file is even looked at."""
+    if inside_roots(p, roots):
+        return p
+    raise InputError(f"{where}image path {str(shown)!r} resolves to {Path(p).resolve()}, outside the allowed image folders "
+                     f"({', '.join(map(str, roots))}); pass --images-root DIR to allow another folder")
+
+
+def open_image(src: Any, shown: str, where: str = "") -> Image.Image:
+    """Decode ``src`` (a path or a file object) to RGB; unreadable and oversized images are ``InputError``s."""
+    try:
+        with Image.open(src) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{where}{shown} is too large to decode safely ({e})") from None
+    except OSError as e:
+        raise InputError(f"{where}cannot read {shown}: {e}") from e
+
+
 def load_image(x: Any, base_dir: Path | None = None, where: str = "") -> Image.Image:
     """A PIL image from a PIL image, a path (relative to ``base_dir``) or raw bytes; errors name the file."""
     if isinstance(x, Image.Image):
@@ -48,18 +83,14 @@ def load_image(x: Any, base_dir: Path | None = None, where: str = "") -> Image.I
     if isinstance(x, bytes | bytearray):
         import io
 
-        return Image.open(io.BytesIO(x)).convert("RGB")
+        return open_image(io.BytesIO(x), "image bytes", where)
     if isinstance(x, str | Path):
         p = Path(x)
         if base_dir is not None and not p.is_absolute():
             p = base_dir / p
         if not p.is_file():
             raise InputError(f"{where}image file not found: {p}")
-        try:
-            with Image.open(p) as im:
-                return im.convert("RGB")
-        except OSError as e:
-            raise InputError(f"{where}cannot read image file {p}: {e}") from e
+        return open_image(p, f"image file {p}", where)
     raise InputError(f"{where}unsupported image value of type {type(x).__name__}")
 
 

@@ -1,15 +1,18 @@
 """Reward of plain ``{"prompt", "response"}`` records with their image files (serves ``vlrm-rlhf score``).
 
-Records are scored in batches by a ``VLRewardScorer``; every error is a ``RecordError`` naming its row.
+Records are scored in batches by a ``VLRewardScorer``; every error is a ``RecordError`` naming its row, and so
+is a non-finite reward (the VLRM reward's default ``non_finite="raise"`` policy: nothing is written).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .inputs import InputError, load_image, make_sample
+from .inputs import InputError, confine_image_path, image_roots, load_image, make_sample
 
 __all__ = ["RecordError", "row_image_paths", "score_records"]
 
@@ -18,9 +21,12 @@ class RecordError(InputError):
     """A record (or a scorer's answer for it) that cannot be evaluated; the message names the row."""
 
 
-def row_image_paths(rec: Mapping[str, Any], where: str, base_dir: Path) -> list[Path]:
+def row_image_paths(rec: Mapping[str, Any], where: str, base_dir: Path,
+                    images_root: Sequence[Path] = ()) -> list[Path]:
     """Image files of a ``score`` row: ``image`` (a path or null) and/or ``images`` (paths), relative to
-    ``base_dir``; every file must exist (the error names the row and the file)."""
+    ``base_dir``; each must resolve inside ``base_dir`` or an ``images_root`` folder, and exist (the error
+    names the row and the file)."""
+    roots = image_roots(base_dir, extra=images_root)
     raw = rec.get("images") or []
     if not isinstance(raw, list):
         raise RecordError(f"{where}: 'images' must be a list of paths")
@@ -33,6 +39,10 @@ def row_image_paths(rec: Mapping[str, Any], where: str, base_dir: Path) -> list[
         if not isinstance(x, str) or not x:
             raise RecordError(f"{where}: image paths must be non-empty strings, got {x!r}")
         p = Path(x) if Path(x).is_absolute() else base_dir / x
+        try:
+            confine_image_path(p, x, roots)
+        except InputError as e:
+            raise RecordError(f"{where}: {e}") from None
         if not p.is_file():
             raise RecordError(f"{where}: image file not found: {p}")
         paths.append(p)
@@ -67,7 +77,14 @@ def score_records(
             except InputError as e:
                 raise RecordError(f"{names[i]}: {str(e).removeprefix(f'sample {i}: ')}") from e
         try:
-            rewards += [float(x) for x in scorer.score_samples(samples)]
+            with warnings.catch_warnings():  # the scorer's own non-finite warning: replaced by the error below
+                warnings.filterwarnings("ignore", message="non-finite reward")
+                got = [float(x) for x in scorer.score_samples(samples)]
         except InputError as e:
             raise RecordError(f"rows {names[start]}..{names[start + len(samples) - 1]}: {e}") from e
+        for j, v in enumerate(got):
+            if not math.isfinite(v):
+                raise RecordError(f"{names[start + j]}: non-finite reward {v} from the reward model "
+                                  "(check its weights and this row's input)")
+        rewards += got
     return rewards

@@ -79,6 +79,14 @@ def date_kwargs(owner) -> dict[str, Any]:
 _STRFTIME = re.compile(r"strftime_now\(\s*(['\"])(.*?)\1\s*\)")
 
 
+def context_limit(tokenizer, text_config) -> int | None:
+    """The longest sequence the reward model can score: the tokenizer's ``model_max_length`` (unless it is
+    transformers' huge "no limit" sentinel) capped by the model's ``max_position_embeddings``; None if neither."""
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(text_config, "max_position_embeddings", None)]
+    known = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10_000_000]
+    return min(known) if known else None
+
+
 def _is_vlm(config) -> bool:
     return config.get_text_config() is not config
 
@@ -130,9 +138,7 @@ class VLRewardScorer:
             warnings.warn("the reward model's config has no pad_token_id: scoring one sample per forward", stacklevel=2)
         elif self.tokenizer.pad_token_id != self.pad_id:
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.pad_id)
-        self.max_length = max_length or getattr(self.tokenizer, "model_max_length", None)
-        if self.max_length is not None and self.max_length > 1_000_000:
-            self.max_length = None
+        self.max_length = max_length or context_limit(self.tokenizer, cfg)
         self.max_batch_tokens = max_batch_tokens
         self._prefix = PrefixScorer(self) if mode == "vlrm" else None
         self._captions: dict[int, str] = {}
@@ -147,14 +153,11 @@ class VLRewardScorer:
         """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``)."""
         import json
 
-        from transformers import (
-            AutoModelForImageTextToText,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification
 
         from ..models import modeling  # noqa: F401  (registers the VLRM classes)
         from ..models.families import get_family
+        from ..models.loading import load_tokenizer, pretrained
         from ..models.processing import load_processor
 
         path = Path(path)
@@ -169,13 +172,15 @@ class VLRewardScorer:
             get_family(cfg.get("model_type", "?"), where=str(path))
             if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures", [])):
                 raise ScorerError(f"{path} is not a reward model (architectures={cfg.get('architectures')})")
-        model = AutoModelForSequenceClassification.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
-        proc = load_processor(path) if is_vlm else AutoTokenizer.from_pretrained(path)
+        model = pretrained(AutoModelForSequenceClassification, path, **({"dtype": dtype} if dtype else {}))
+        proc = load_processor(path) if is_vlm else load_tokenizer(path)
+        if proc is None:
+            raise ScorerError(f"{path} ships no tokenizer: a text reward model needs one")
         cap = cap_proc = None
         if mode == "cascade":
             if lvlm is None:
                 raise ScorerError("mode cascade needs lvlm=<LVLM directory> to caption the images")
-            cap = AutoModelForImageTextToText.from_pretrained(lvlm).eval()
+            cap = pretrained(AutoModelForImageTextToText, lvlm).eval()
             cap_proc = load_processor(lvlm)
         return cls(model, proc, mode=mode, captioner=cap, captioner_processor=cap_proc, device=device, dtype=dtype, **kw)
 

@@ -66,6 +66,7 @@ with warnings.catch_warnings():  # TRL warns on any trl.experimental import; the
     warnings.simplefilter("ignore")
     from trl.experimental.utils import first_true_indices, get_reward
 
+from ..models.loading import pretrained
 from .batching import (
     TEXT_KEYS,
     EpochSampler,
@@ -140,7 +141,7 @@ class VLPPOTrainer(Trainer):
                  optimizers: tuple = (None, None)):
         if isinstance(model, str):
             model = load_policy(model)
-        processing_class = processing_class or AutoProcessor.from_pretrained(model.config._name_or_path)
+        processing_class = processing_class or pretrained(AutoProcessor, model.config._name_or_path)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (PPO pads responses with it)")

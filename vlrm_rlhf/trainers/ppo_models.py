@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
+from ..models.loading import pretrained
 from .ppo_config import VLPPOConfig
 
 __all__ = ["PolicyAndValue", "default_value_model", "load_policy", "reference_copy", "reward_from_path",
@@ -83,9 +84,9 @@ def load_policy(path: str) -> PreTrainedModel:
     """A policy from a checkpoint: ``AutoModelForImageTextToText`` for VLM configs, else ``AutoModelForCausalLM``."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = pretrained(AutoConfig, path)
     auto = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(path)
+    return pretrained(auto, path)
 
 
 def reward_from_path(path: str | Path) -> Callable[..., list]:
@@ -107,4 +108,4 @@ def default_value_model(args: VLPPOConfig, funcs: list) -> PreTrainedModel:
         raise ValueError("no value model: pass value_model=, set value_model_path, or use a VLRM reward")
     import vlrm_rlhf.models.modeling  # noqa: F401  (registers the VLRM classes with the Auto API)
 
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return pretrained(AutoModelForSequenceClassification, path, num_labels=1)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import write_jsonl_atomic
+from ..models.loading import pretrained
 from .shapes import COLOURS, NUMBERS, QA, Scene, Split, World, answer, questions
 from .text import DESCRIPTION_PREFIX, build_tokenizer, text_seq
 
@@ -89,7 +90,7 @@ def train_llm(world: World, base_dir: Path, out: Path, seed: int, *, steps: int 
 
     tok = build_tokenizer()
     torch.manual_seed(seed + 3)
-    model = LlamaForCausalLM.from_pretrained(base_dir).train()
+    model = pretrained(LlamaForCausalLM, base_dir).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = cosine_schedule(opt, steps)
     rng = random.Random(f"llm:{seed}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.loading import pretrained
 from .shapes import IMAGE_SIZE, WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
 from .training_utils import (
@@ -178,7 +179,7 @@ def train_lvlm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: 
     proc = build_processor(tok)
     torch.manual_seed(seed + 1)
     model = LlavaForConditionalGeneration(llava_config(tok, cfg))
-    base = LlamaForCausalLM.from_pretrained(base_dir)
+    base = pretrained(LlamaForCausalLM, base_dir)
     missing = model.model.language_model.load_state_dict(base.model.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
     model.lm_head.load_state_dict(base.lm_head.state_dict())
@@ -254,7 +255,7 @@ def train_rm(world: World, cfg: TrainConfig, base_dir: Path, out: Path, seed: in
 
     tok = build_tokenizer()
     torch.manual_seed(seed + 2)
-    model = LlamaForSequenceClassification.from_pretrained(base_dir, num_labels=1).train()
+    model = pretrained(LlamaForSequenceClassification, base_dir, num_labels=1).train()
     torch.nn.init.normal_(model.score.weight, std=0.02)
     opt = torch.optim.AdamW([{"params": model.model.parameters(), "lr": cfg.rm_lr_lm},
                              {"params": model.score.parameters(), "lr": cfg.rm_lr_head}], weight_decay=0.0)
