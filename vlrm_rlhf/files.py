@@ -60,15 +60,19 @@ _NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _fault(e: OSError, folder: Path, output: Path) -> OSError:
-    """The package's error for an OS error while writing ``output`` in ``folder``, or ``e`` itself."""
+def _fault(e: OSError, folder: Path, output: Path, partial: Path | None = None) -> OSError:
+    """The package's error for an OS error while writing ``output`` in ``folder``, or ``e`` itself (a file of the
+    temporary ``partial`` folder is named by its path inside the output)."""
     if isinstance(e, VLRMError):
         return e
     if e.errno in _NO_WRITE:
         return OutputFolderError(f"cannot write into folder {folder}: {e.strerror or 'permission denied'} "
                                  "(read-only or no permission); choose another output")
     if e.errno in _FULL:
-        where = f" (file {e.filename})" if e.filename and Path(e.filename) != output else ""
+        name = Path(e.filename) if e.filename else None
+        if name is not None and partial is not None and name.is_relative_to(partial):
+            name = name.relative_to(partial)
+        where = f" (file {name})" if name is not None and name != output else ""
         return DiskFullError(f"no space left on device while writing {output}{where}: free some space and rerun "
                              "(nothing was replaced)")
     return e
@@ -260,7 +264,7 @@ def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[P
             yield tmp
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and (err := _fault(e, parent, out_dir)) is not e:
+            if isinstance(e, OSError) and (err := _fault(e, parent, out_dir, tmp)) is not e:
                 raise err from None
             raise
         old = None
