@@ -311,7 +311,7 @@ def test_unknown_method_is_one_line_with_a_suggestion(zoo, tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe(zoo("llava"), "tie")))
     line = _one_error_line(_cli("merge", str(r), "--out", str(tmp_path / "o")))
-    assert "unknown merge_method 'tie'; did you mean 'ties'?" in line and "task_arithmetic" in line
+    assert "unknown merge method 'tie'; did you mean 'ties'?" in line and "task_arithmetic" in line
 
 
 def test_unwritable_out_and_out_that_is_a_file(zoo, tmp_path):

@@ -55,7 +55,7 @@ def register(method: MergeMethod) -> MergeMethod:
 
 def unknown_method(name: str) -> str:
     """The one-line message for an unknown merge method: a suggestion and the known methods."""
-    return f"unknown merge_method {name!r}{did_you_mean(name, METHODS)} (known: {', '.join(sorted(METHODS))})"
+    return f"unknown merge method {name!r}{did_you_mean(name, METHODS)} (known: {', '.join(sorted(METHODS))})"
 
 
 def get_method(name: str) -> MergeMethod:
