@@ -268,3 +268,22 @@ def test_cli_params_ablate_swap(llava, tmp_path):
     bad.write_text(json.dumps({**RECORDS[3], "answer": 7}) + "\n")
     res = runner.invoke(app, ["analyze", "swap", "--recipe", str(recipe), "--tasks", str(bad), "--out", str(tmp_path / "s2")])
     assert res.exit_code == 2 and "bad.jsonl line 1: 'answer'" in res.output and not (tmp_path / "s2").exists()
+
+
+def test_cli_out_over_an_input_is_refused_even_with_force(llava, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(reasoning(llava)))
+    before = sorted(p.name for p in Path(llava["lvlm"]).iterdir())
+    runner = CliRunner()
+    for args, how in ((["params", "--recipe", str(recipe), "--out", str(llava["lvlm"])], "is the lvlm model folder"),
+                      (["params", "--recipe", str(recipe), "--out", str(tmp_path)], "contains the recipe file"),
+                      (["ablate", "--model", str(llava["lvlm"]), "--tasks", str(llava["tasks"]), "--mode", "zero",
+                        "--out", str(Path(llava["lvlm"]) / "ablation")], "lies inside the model folder"),
+                      (["swap", "--recipe", str(recipe), "--tasks", str(llava["tasks"]),
+                        "--out", str(Path(llava["llm"]).parent)], "contains the")):
+        res = runner.invoke(app, ["analyze", *args, "--force"])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and how in lines[0] and "never replaced" in lines[0], res.output
+    assert sorted(p.name for p in Path(llava["lvlm"]).iterdir()) == before

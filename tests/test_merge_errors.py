@@ -260,3 +260,151 @@ def test_mergekit_config_with_roles_runs_unchanged(zoo, tmp_path):
 def test_shipped_recipes_parse(path):
     r = parse_recipe(path)
     assert r.model_of("lvlm") is not None and all(Path(m.model).is_absolute() for m in r.models)
+
+
+# ---- outputs that would replace inputs, and faults while writing ---------------------------------------------
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from vlrm_rlhf.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_error_line(res) -> str:
+    """The CLI printed exactly one ``error:`` line (no traceback) and exited 2."""
+    import re
+
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in re.split(r"[\r\n]+", res.output) if ln.strip() and not ln.startswith("merge (")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def test_out_over_an_input_is_refused_even_with_force(zoo, tmp_path):
+    import yaml
+
+    models = tmp_path / "models"
+    for k, v in zoo("llava").items():
+        shutil.copytree(v, models / k)
+    (tmp_path / "lvlm-link").symlink_to(models / "lvlm")
+    r = models / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe({k: models / k for k in ("base", "lvlm", "rm", "llm")}, "task_arithmetic",
+                                       lvlm={"weight": 0.5}, rm={"weight": 0.5})))
+    before = sorted(str(p) for p in models.rglob("*"))
+    for out, how in ((models / "rm", "is the rm model folder"), (models, "contains the lvlm model folder"),
+                     (models / "lvlm" / "sub", "lies inside the lvlm model folder"),
+                     (tmp_path / "lvlm-link", "is the lvlm model folder")):
+        line = _one_error_line(_cli("merge", str(r), "--out", str(out), "--force"))
+        assert f"--out {out} {how}" in line and "inputs are never replaced" in line
+    assert sorted(str(p) for p in models.rglob("*")) == before  # nothing moved, nothing deleted
+    other = tmp_path / "recipes"
+    other.mkdir()
+    shutil.copy(r, other / "r.yaml")
+    line = _one_error_line(_cli("merge", str(other / "r.yaml"), "--out", str(other), "--force"))
+    assert "contains the recipe file" in line
+
+
+def test_unknown_method_is_one_line_with_a_suggestion(zoo, tmp_path):
+    import yaml
+
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(zoo("llava"), "tie")))
+    line = _one_error_line(_cli("merge", str(r), "--out", str(tmp_path / "o")))
+    assert "unknown merge method 'tie'; did you mean 'ties'?" in line and "task_arithmetic" in line
+
+
+def test_unwritable_out_and_out_that_is_a_file(zoo, tmp_path):
+    import yaml
+
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(zoo("llava"))))
+    if Path("/sys").is_dir():  # read-only even for root
+        assert "cannot write into folder /sys" in _one_error_line(_cli("merge", str(r), "--out", "/sys/vlrm-out"))
+    f = tmp_path / "taken"
+    f.write_text("precious")
+    for extra in ([], ["--force"]):
+        line = _one_error_line(_cli("merge", str(r), "--out", str(f), *extra))
+        assert "is an existing file, not a folder; it is never replaced" in line and "--force" not in line
+    assert f.read_text() == "precious"
+
+
+def test_disk_full_while_merging_names_the_output(zoo, tmp_path, monkeypatch):
+    import errno
+
+    import yaml
+
+    import vlrm_rlhf.merge.writer as w
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(w.ShardWriter, "write", full)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(zoo("llava"))))
+    line = _one_error_line(_cli("merge", str(r), "--out", str(tmp_path / "out")))
+    assert f"no space left on device while writing {tmp_path / 'out'} (file model.safetensors)" in line
+    assert no_output_left(tmp_path / "out")
+
+
+# ---- checkpoints that reach outside their folder or hold more than tensors -------------------------------------
+def test_index_pointing_outside_the_model_folder_is_refused(zoo, tmp_path):
+    trio = dict(zoo("llava"))
+    rm = copy_model(trio["rm"], tmp_path / "rm")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(rm / "model.safetensors", tmp_path / "elsewhere" / "model.safetensors")
+    keys = list(load_file(tmp_path / "elsewhere" / "model.safetensors"))
+    for target in ("../elsewhere/model.safetensors", str(tmp_path / "elsewhere" / "model.safetensors")):
+        (rm / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: target for k in keys}}))
+        trio["rm"] = rm
+        with pytest.raises(MergeError, match=r"model\.safetensors\.index\.json .*points outside the model folder"):
+            build(recipe(trio), tmp_path / "out", progress=False)
+    (rm / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(MergeError, match=r"model\.safetensors\.index\.json is not a valid index"):
+        build(recipe(trio), tmp_path / "out", progress=False)
+
+
+def test_pickle_with_objects_is_refused_without_suggesting_unsafe_loading(zoo, tmp_path):
+    import argparse
+
+    trio = dict(zoo("llava"))
+    rm = copy_model(trio["rm"], tmp_path / "rm")
+    sd = load_file(rm / "model.safetensors")
+    torch.save({**sd, "args": argparse.Namespace(lr=1.0)}, rm / "pytorch_model.bin")
+    (rm / "model.safetensors").unlink()
+    trio["rm"] = rm
+    with pytest.raises(MergeError) as e:
+        build(recipe(trio), tmp_path / "out", progress=False, allow_pickle=True)
+    msg = str(e.value)
+    assert "pytorch_model.bin" in msg and "weights_only=False" not in msg and "\n" not in msg
+    assert "not only tensors" in msg
+
+
+# ---- every parameter key is checked ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("where", "params", "match"), [
+    ("top", {"normalise": True}, r"parameters\.normalise: unknown parameter 'normalise' for ties; did you mean 'normalize'\?"),
+    ("model", {"weight": 1.0, "densty": 0.5}, r"models\[0\]\.parameters\.densty: unknown parameter .*did you mean 'density'\?"),
+    ("model", {"weight": 1.0, "foo": 1}, r"models\[0\]\.parameters\.foo: unknown parameter 'foo' for ties \(known: "),
+    ("model", {"weight": 1.0, "normalize": False},
+     r"models\[0\]\.parameters\.normalize: 'normalize' is a recipe-wide parameter of ties; put it under the top-level"),
+    ("model", {"weight": [{"filter": "mlp", "value": 1.0, "fitler": "x"}, {"value": 0.5}]},
+     r"models\[0\]\.parameters\.weight\[0\]: unknown key 'fitler' in a filter entry; did you mean 'filter'\?"),
+    ("model", {"weight": {"schedule": "linear", "start": 0.0, "ned": 1.0}},
+     r"models\[0\]\.parameters\.weight: unknown key 'ned' in a linear schedule; did you mean 'end'\?"),
+    ("model", {"weight": [{"filter": "mlp", "value": {"schedule": "step", "valeus": [1.0]}}, {"value": 0.5}]},
+     r"models\[0\]\.parameters\.weight\[0\]\.value: unknown key 'valeus' in a step schedule; did you mean 'values'\?"),
+])
+def test_unknown_parameter_keys_are_refused(where, params, match):
+    models = [{"model": "a", "role": "lvlm", "parameters": params if where == "model" else {"weight": 1.0}},
+              {"model": "b", "role": "rm", "parameters": {"weight": 1.0}}]
+    with pytest.raises(RecipeError, match=match) as e:
+        parse_recipe({"merge_method": "ties", "base_model": "c", "models": models,
+                      "parameters": params if where == "top" else {}})
+    assert "\n" not in str(e.value)
+
+
+def test_demo_recipes_parse():
+    from vlrm_rlhf.demo.merges import METHOD_PARAMS, method_recipe
+
+    for m in METHOD_PARAMS:
+        parse_recipe(method_recipe(m, {"lvlm": "l", "rm": "r", "base": "b"}, 0))

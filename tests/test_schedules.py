@@ -174,7 +174,7 @@ def test_every_method_merges_an_llm_into_the_lvlm(zoo, tmp_path, method):
         r["models"].append({"model": str(trio["base"]), "role": "base", "parameters": {"weight": 0.2}})
     if method == "slerp":  # two models: the LVLM is the base, t is scheduled
         r["base_model"] = str(trio["lvlm"])
-        r["models"][1]["parameters"] = {}
+        r["models"][0]["parameters"] = r["models"][1]["parameters"] = {}  # slerp takes no per-model parameters
         r["parameters"] = {"t": {"schedule": "step", "values": [0.3, 0.6], "boundaries": [1]}}
     out = build(r, tmp_path / "o", progress=False)
     model = AutoModelForImageTextToText.from_pretrained(out)

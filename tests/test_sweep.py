@@ -280,3 +280,52 @@ def test_cli_sweep_end_to_end(recipes, tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
     bad = CliRunner().invoke(app, [*args[:2], "--grid", "gamma=0.1", *args[6:10]])
     assert bad.exit_code == 2 and "unknown sweep key 'gamma'" in bad.output
+
+
+# ---- mistakes caught before the first point is evaluated ----------------------------------------------------------
+def _no_models(monkeypatch):
+    """Make any model loading fail loudly: the checks under test must come first."""
+    import vlrm_rlhf.merge.inmemory as im
+
+    def refuse(*a, **k):
+        raise AssertionError("the sweep loaded models before checking its arguments")
+
+    monkeypatch.setattr(im.InMemoryMerger, "__init__", refuse)
+
+
+def test_metric_typo_fails_before_anything_is_merged(recipes, tmp_path, monkeypatch):
+    _no_models(monkeypatch)
+    with pytest.raises(SweepError, match=r"--metric 'overal' is not a metric of this evaluation; did you mean "
+                                         r"'overall'\? \(metrics: overall, spread\)"):
+        run_sweep(recipes("task_arithmetic"), ["lambda=0.5"], _probe, out_dir=tmp_path / "sw", metric="overal",
+                  metrics=["overall", "spread"], progress=False)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_save_best_over_an_input_is_refused_before_the_sweep(recipes, tmp_path, monkeypatch):
+    from vlrm_rlhf.files import OverlapError
+
+    rp = recipes("task_arithmetic")
+    rm = parse_recipe(rp).model_of("rm").model
+    _no_models(monkeypatch)
+    for target, how in ((rm, "is the rm model folder"), (Path(rm).parent, "contains the")):
+        with pytest.raises(OverlapError, match=f"--save-best .* {how}"):
+            run_sweep(rp, ["lambda=0.5"], _probe, out_dir=tmp_path / "sw", save_best=target, force=True, progress=False)
+    assert Path(rm, "config.json").is_file()
+
+
+def test_cli_metric_typo_is_one_line_before_models_load(recipes, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlrm_rlhf.cli import app
+
+    rp = recipes("ties")
+    data = _pref_file(Path(parse_recipe(rp).model_of("lvlm").model), tmp_path)
+    _no_models(monkeypatch)
+    res = CliRunner().invoke(app, ["sweep", str(rp), "--grid", "lambda=0.2,1", "--data", str(data),
+                                   "--out", str(tmp_path / "sw"), "--metric", "halucination"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "error: --metric 'halucination' is not a metric of this evaluation; did you mean 'hallucination'? "
+        "(metrics: overall, macro, general, hallucination, tie_rate, n)"]
+    assert not (tmp_path / "sw").exists()

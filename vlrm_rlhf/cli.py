@@ -59,7 +59,8 @@ def demo(
 
     install_warning_hook()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    rep = run_demo(work_dir, seed=seed, quick=quick, with_reasoning=with_reasoning)
+    with handled():
+        rep = run_demo(work_dir, seed=seed, quick=quick, with_reasoning=with_reasoning)
     acc, best = rep["accuracy"], rep["best_merge"]
     typer.echo(f"best merge {best}: {100 * acc[best]['overall']:.1f}% overall on held-out pairs; text RM "
                f"{100 * acc['text_rm']['overall']:.1f}%, LVLM judge {100 * acc['lvlm_judge']['overall']:.1f}%, "
@@ -151,7 +152,7 @@ def sweep(
 ) -> None:
     """Merge every grid point in memory, score preference accuracy on --data, write a CSV and a plot."""
     from .eval.records import load_pref_records
-    from .eval.sweep import sweep_prefs
+    from .eval.sweep import check_metric, pref_metrics, sweep_prefs
     from .merge import parse_recipe
     from .merge.grid import check_grid, parse_grid
 
@@ -161,6 +162,7 @@ def sweep(
         g = parse_grid(grid)
         check_grid(r, g)  # bad keys fail before the data and models load
         records = load_pref_records(data, images_dir=images_dir)
+        check_metric(metric, pref_metrics(records))  # before any model loads
         rows = sweep_prefs(r, g, records, out_dir=out, metric=metric, save_best=save_best, seed=seed, force=force)
     best = max(rows, key=lambda row: row[metric])
     point = ", ".join(f"{k}={best[k]:g}" for k in g)

@@ -3,12 +3,16 @@
 Outputs are never half-written and never replace a user's output without ``force``. A file writer fills a
 temporary sibling, fsyncs it and moves it into place in one step; without ``force`` the final step is a hard
 link, which fails if the file appeared meanwhile (so it survives). ``atomic_output_dir`` does the same for a
-folder (a model directory, an analysis output). Every writer takes the data first, then the path.
+folder (a model directory, an analysis output), under an exclusive lock so that two runs never write one output
+at once. ``check_not_overlapping`` keeps outputs away from the inputs. Every writer takes the data first, then
+the path. Faults a user can fix (a read-only folder, a full disk, a busy output) raise one message naming the path.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
@@ -22,9 +26,10 @@ from typing import IO, Any
 
 from .errors import VLRMError
 
-__all__ = ["FileFormatError", "OutputExistsError", "atomic_output_dir", "check_writable", "read_csv", "read_jsonl",
-           "stale_partials", "write_atomic", "write_bytes_atomic", "write_csv_atomic", "write_figure_atomic",
-           "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
+__all__ = ["DiskFullError", "FileFormatError", "OutputBusyError", "OutputExistsError", "OutputFolderError",
+           "OverlapError", "atomic_output_dir", "check_not_overlapping", "check_writable", "exclusive_lock",
+           "read_csv", "read_jsonl", "stale_partials", "write_atomic", "write_bytes_atomic", "write_csv_atomic",
+           "write_figure_atomic", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
 
 
 class FileFormatError(VLRMError, ValueError):
@@ -32,7 +37,101 @@ class FileFormatError(VLRMError, ValueError):
 
 
 class OutputExistsError(VLRMError, FileExistsError):
-    """The output file or directory exists and ``force`` was not given."""
+    """The output file or directory exists and ``force`` was not given (or it is a file, never replaced)."""
+
+
+class OutputBusyError(VLRMError, OSError):
+    """Another run holds the lock of this output (or work folder); the message names the folder and the lock."""
+
+
+class OutputFolderError(VLRMError, PermissionError):
+    """The output's folder cannot be written (read-only, or no permission); the message names the folder."""
+
+
+class DiskFullError(VLRMError, OSError):
+    """The disk filled up while an output was written; the message names the output (nothing was replaced)."""
+
+
+class OverlapError(VLRMError, ValueError):
+    """An output that is, contains or lies inside one of the command's inputs (it would replace them)."""
+
+
+_NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _fault(e: OSError, folder: Path, output: Path, partial: Path | None = None) -> OSError:
+    """The package's error for an OS error while writing ``output`` in ``folder``, or ``e`` itself (a file of the
+    temporary ``partial`` folder is named by its path inside the output)."""
+    if isinstance(e, VLRMError):
+        return e
+    if e.errno in _NO_WRITE:
+        return OutputFolderError(f"cannot write into folder {folder}: {e.strerror or 'permission denied'} "
+                                 "(read-only or no permission); choose another output")
+    if e.errno in _FULL:
+        name = Path(e.filename) if e.filename else None
+        if name is not None and partial is not None and name.is_relative_to(partial):
+            name = name.relative_to(partial)
+        where = f" (file {name})" if name is not None and name != output else ""
+        return DiskFullError(f"no space left on device while writing {output}{where}: free some space and rerun "
+                             "(nothing was replaced)")
+    return e
+
+
+def check_not_overlapping(out: str | Path, inputs: Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+                          *, what: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside an input (symlinks resolved), with or without ``force``.
+
+    ``inputs``: label -> path (e.g. ``{"rm model": ..., "recipe": ...}``); ``what`` names the output option.
+    """
+    o = Path(out).expanduser().resolve()
+    for label, p in (inputs.items() if isinstance(inputs, Mapping) else inputs):
+        if p is None:
+            continue
+        q = Path(p).expanduser().resolve()
+        rel = "is" if o == q else "contains" if o in q.parents else "lies inside" if q in o.parents else None
+        if rel is not None:
+            kind = "folder" if q.is_dir() else "file"
+            raise OverlapError(f"{what} {out} {rel} the {label} {kind} {q}: choose an output outside the inputs "
+                               "(inputs are never replaced, not even with --force)")
+
+
+@contextmanager
+def exclusive_lock(lock: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on file ``lock`` for the block (created, and removed on release).
+
+    Never waits: when another process holds it, raise ``OutputBusyError(busy)`` (plus the holder's pid). The lock
+    dies with its process, so a killed run never leaves a held lock behind.
+    """
+    lock = Path(lock)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _fault(e, lock.parent, lock) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputBusyError(busy + (f" (pid {holder})" if holder.isdigit() else "")) from None
+        try:
+            st, mine = os.stat(lock), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still held: a waiting process then sees a new file and retries
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -52,12 +151,18 @@ def write_atomic(path: str | Path, write: Callable[[IO], Any], force: bool = Fal
     """Call ``write(f)`` on a temporary sibling of ``path`` (opened as UTF-8 text, or bytes if ``binary``), then
     move it into place (see the module docstring)."""
     path = check_writable(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _fault(e, path.parent, path) from None
+    try:
+        try:
+            with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _fault(e, path.parent, path) from None
         if force:
             os.replace(tmp, path)
         else:
@@ -132,31 +237,58 @@ def stale_partials(out_dir: Path) -> list[Path]:
 def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``out_dir`` only if the block completes.
 
-    An existing ``out_dir`` raises unless ``force``; with ``force`` it is replaced only after the new output
-    is complete. Leftovers of killed runs (``.NAME.partial-*``) are removed on the next successful run.
+    The whole write holds an exclusive lock next to the output (``.NAME.lock``): a second writer fails at once
+    with ``OutputBusyError`` and never touches the first one's files. An existing ``out_dir`` raises unless
+    ``force``; with ``force`` it is replaced only after the new output is complete. An existing *file* is never
+    replaced. Leftovers of killed runs (``.NAME.partial-*``) are removed under the lock, where no live run can
+    own them.
     """
     out_dir = Path(out_dir).resolve()
+    _check_target(out_dir, force)
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fault(e, parent, out_dir) from None
+    lock = parent / f".{out_dir.name}.lock"
+    with exclusive_lock(lock, f"another run is writing {out_dir} (lock {lock})"):
+        _check_target(out_dir, force)  # again: the output may have appeared before we held the lock
+        for p in stale_partials(out_dir):  # under the lock every partial belongs to a dead run
+            shutil.rmtree(p, ignore_errors=True)
+        tmp = parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise _fault(e, parent, out_dir) from None
+        try:
+            yield tmp
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and (err := _fault(e, parent, out_dir, tmp)) is not e:
+                raise err from None
+            raise
+        old = None
+        try:
+            if out_dir.exists():
+                old = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                out_dir.rename(old)
+            tmp.rename(out_dir)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not out_dir.exists():
+                old.rename(out_dir)
+            raise _fault(e, parent, out_dir) from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    """An output folder may be written: absent, or present and ``force``; a file is never replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"output path {out_dir} is an existing file, not a folder; it is never replaced "
+                                "(remove it or choose another output)")
     if out_dir.exists() and not force:
         raise OutputExistsError(f"output directory {out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"output path {out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in stale_partials(out_dir):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---- reading -------------------------------------------------------------------------------------------

@@ -25,11 +25,21 @@ def _run(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, inputs: list[tuple[str, Path | str | None]]) -> None:
+    """``--out`` may not overlap an input (even with --force), nor replace a non-empty folder without --force."""
+    from ..files import check_not_overlapping
     from . import AnalysisError
 
+    check_not_overlapping(out, inputs)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise AnalysisError(f"output folder {out} exists and is not empty; pass --force to replace it")
+
+
+def _recipe_inputs(recipe: Path) -> list[tuple[str, Path | str | None]]:
+    """The recipe file and the model folders it names (what an analysis output must not touch)."""
+    from ..merge.recipe import parse_recipe
+
+    return [("recipe", recipe), *parse_recipe(recipe).input_paths()]
 
 
 def _wrote(out: Path, files: list[Path]) -> None:
@@ -82,7 +92,7 @@ def params(
     from .params import params_for_recipe, write_params
 
     def go() -> list[Path]:
-        _check_out(out, force)
+        _check_out(out, force, _recipe_inputs(recipe))
         rows, names = params_for_recipe(recipe, other_role=other, merged=merged, progress=True)
         with analysis_dir(out, force=force) as tmp:
             files = write_params(tmp, rows, names)
@@ -119,7 +129,7 @@ def ablate(
             raise AnalysisError(f"--groups {groups!r}: use a comma-separated subset of {', '.join(GROUPS)}")
         if mode == "base" and base is None:
             raise AnalysisError("--mode base needs --base DIR (the base LM the model grew from)")
-        _check_out(out, force)
+        _check_out(out, force, [("model", model), ("base model", base), ("tasks", tasks)])
         ts = load_tasks(tasks)
         base_ck = Checkpoint(base, "base") if mode == "base" else None
         m, proc, ck = load_lvlm(model)
@@ -150,7 +160,7 @@ def swap(
     from .tasks import TaskScorer, load_tasks
 
     def go() -> list[Path]:
-        _check_out(out, force)
+        _check_out(out, force, [("tasks", tasks), *_recipe_inputs(recipe)])
         ts = load_tasks(tasks)
         sw = LayerSwapper(recipe, part=part, embeddings=embeddings, progress=True)
         rows = swap_curve(sw, ts, scorer=TaskScorer(sw.model, sw.processor, batch_size=batch_size), progress=typer.echo)

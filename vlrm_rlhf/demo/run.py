@@ -17,7 +17,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import VLRMError
 from ..worlds.train import TrainConfig
+
+LOCK = ".demo.lock"  # held in the work folder for the whole run: one demo per work folder
+
+
+class DemoError(VLRMError, ValueError):
+    """A work folder the demo may not use; the message names it."""
+
+
+def _is_model_folder(d: Path, *, strict: bool) -> bool:
+    """A Hugging Face model folder: config.json and weights (``strict``), or either of them."""
+    config = (d / "config.json").is_file()
+    weights = any(d.glob("*.safetensors")) or any(d.glob("*.bin")) or (d / "model.safetensors.index.json").is_file()
+    return config and weights if strict else config or weights
+
+
+def check_work_dir(work: str | Path) -> None:
+    """Refuse a work folder that is, or lies inside, a model folder (symlinks resolved): the demo writes and
+    replaces folders there. A demo work folder never holds config.json or weights itself."""
+    w = Path(work).expanduser().resolve()
+    if w.is_dir() and _is_model_folder(w, strict=False):
+        raise DemoError(f"--work-dir {work} is a model folder (it holds config.json or weights), not a demo work "
+                        "folder: choose an empty or new folder")
+    inside = next((d for d in w.parents if _is_model_folder(d, strict=True)), None)
+    if inside is not None:
+        raise DemoError(f"--work-dir {work} lies inside the model folder {inside}: choose a folder outside it")
 
 
 @dataclass(frozen=True)
@@ -63,7 +89,22 @@ class _Clock:
 
 def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, with_reasoning: bool = False,
              progress: bool = True) -> dict[str, Any]:
-    """Run every stage and write the report; returns ``report.json``'s content."""
+    """Run every stage and write the report; returns ``report.json``'s content.
+
+    The work folder may not be a model folder, and is locked for the run: a second demo there fails at once.
+    """
+    from ..files import exclusive_lock
+
+    work = Path(work_dir)
+    check_work_dir(work)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = work / LOCK
+    with exclusive_lock(lock, f"another demo is running in {work} (lock {lock})"):
+        return _run(work, seed=seed, quick=quick, with_reasoning=with_reasoning, progress=progress)
+
+
+def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: bool) -> dict[str, Any]:
+    """Every stage of ``run_demo`` in a checked and locked work folder."""
     from ..eval.records import load_pref_records
     from ..eval.sweep import run_sweep
     from ..files import write_bytes_atomic, write_json_atomic
@@ -76,8 +117,6 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
     from .report import plot_accuracy, plot_reward_curve, write_markdown
     from .rl import best_of_n_stage, eval_questions, ppo_stage
 
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig.quick() if quick else TrainConfig()
     st = DemoSettings.quick() if quick else DemoSettings()
     clock = _Clock(progress)

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import OutputExistsError, write_csv_atomic, write_figure_atomic
+from ..errors import did_you_mean
+from ..files import OutputExistsError, check_not_overlapping, write_csv_atomic, write_figure_atomic
 from ..merge import methods as M
 from ..merge.engine import MergeError
 from ..merge.grid import GridError, check_grid, grid_points, parse_grid, point_overrides
 from ..merge.recipe import Recipe, RecipeError, parse_recipe
 
-__all__ = ["SweepError", "plot_sweep", "pref_evaluator", "run_sweep", "sweep_prefs"]
+__all__ = ["SweepError", "check_metric", "plot_sweep", "pref_evaluator", "pref_metrics", "run_sweep", "sweep_prefs"]
 
 Evaluate = Callable[[Any, Any], Mapping[str, float]]
 SweepError = GridError  # one error class for bad grids, keys, metrics and sweep outputs
+
+
+def check_metric(metric: str, metrics: Collection[str]) -> None:
+    """``--metric`` must be one of the evaluation's ``metrics`` (checked before any point is evaluated)."""
+    if metric not in metrics:
+        raise SweepError(f"--metric {metric!r} is not a metric of this evaluation{did_you_mean(metric, metrics)} "
+                         f"(metrics: {', '.join(metrics)})")
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------
@@ -95,17 +103,25 @@ def run_sweep(
     dtype: str | None = None,
     progress: bool = True,
     force: bool = False,
+    metrics: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Merge every grid point in memory, ``evaluate(model, processor) -> {metric: value}`` it, and write
     ``out_dir/sweep.csv`` + ``sweep.png``; ``save_best`` builds the best point (by ``metric``) to disk.
 
+    ``metrics``: the names ``evaluate`` returns, when known in advance, so that ``metric`` is checked before any
+    model loads (otherwise after the first point). ``save_best`` may not overlap the recipe's inputs.
     Returns one row per point: the grid values, then the metrics.
     """
     from tqdm.auto import tqdm
 
     from ..merge.inmemory import InMemoryMerger
 
+    if metrics is not None:
+        check_metric(metric, list(metrics))
+    recipe_file = None if isinstance(recipe, Recipe) else Path(recipe)
     recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(Path(recipe))
+    if save_best is not None:
+        check_not_overlapping(save_best, [*recipe.input_paths(), ("recipe", recipe_file)], what="--save-best")
     grid = dict(grid) if isinstance(grid, Mapping) else parse_grid(grid)
     if not grid or not all(grid.values()):
         raise SweepError("empty grid: give at least one key with values")
@@ -161,6 +177,15 @@ def run_sweep(
     return rows
 
 
+def pref_metrics(records: Sequence[Any]) -> list[str]:
+    """The metric names ``pref_evaluator`` returns on ``records`` (what ``--metric`` may name)."""
+    from .records import CATEGORY_ORDER
+
+    cats = {r.category for r in records}
+    return ["overall", "macro", *(c for c in CATEGORY_ORDER if c in cats), *sorted(cats - set(CATEGORY_ORDER)),
+            "tie_rate", "n"]
+
+
 def pref_evaluator(records: Sequence[Any], *, tol: float = 0.0, mode: str = "vlrm") -> Evaluate:
     """An ``evaluate`` callback: preference accuracy of the in-memory model on ``records``
     (overall, macro, per category, tie_rate, n) with ``VLRewardScorer(model, processor, mode=mode)``."""
@@ -189,4 +214,4 @@ def sweep_prefs(
 ) -> list[dict[str, Any]]:
     """``run_sweep`` scored by preference accuracy on already-loaded records (``load_pref_records``)."""
     return run_sweep(recipe, grid, pref_evaluator(records, tol=tol), out_dir=out_dir, metric=metric,
-                     save_best=save_best, seed=seed, progress=progress, force=force)
+                     save_best=save_best, seed=seed, progress=progress, force=force, metrics=pref_metrics(records))

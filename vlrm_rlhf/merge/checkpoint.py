@@ -127,8 +127,7 @@ class Checkpoint:
     def _open_weights(self, allow_pickle: bool) -> None:
         p = self.path
         if (p / WEIGHTS_INDEX).is_file():
-            index = json.loads((p / WEIGHTS_INDEX).read_text())
-            files = {k: p / f for k, f in index["weight_map"].items()}
+            files = self._index_files(p / WEIGHTS_INDEX)
         elif (p / WEIGHTS).is_file():
             files = None
         elif (p / PICKLE).is_file() or (p / PICKLE_INDEX).is_file():
@@ -157,14 +156,44 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(f"{p / WEIGHTS_INDEX} lists {missing[:3]} but the shards lack them")
 
+    def _index_files(self, index: Path) -> dict[str, Path]:
+        """Tensor name -> shard file of a ``*.index.json``; every shard must lie inside the model folder."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index (a JSON object with a weight_map): {e}") from None
+        root = self.path.resolve()
+        files = {}
+        for k, f in weight_map.items():
+            shard = (self.path / f).resolve()
+            if root not in shard.parents:
+                raise CheckpointError(f"{index} points outside the model folder {self.path}: tensor {k} is in {f!r}; "
+                                      "shards must be files of the model folder itself")
+            files[k] = self.path / f
+        return files
+
     def _load_pickle(self) -> None:
+        import pickle
+
         p = self.path
         files = [p / PICKLE]
         if (p / PICKLE_INDEX).is_file():
-            files = sorted({p / f for f in json.loads((p / PICKLE_INDEX).read_text())["weight_map"].values()})
+            files = sorted(set(self._index_files(p / PICKLE_INDEX).values()))
         self._pickle = {}
         for f in files:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"refused to load {f}: the pickle holds not only tensors (such objects can run code when "
+                    "loaded); convert the checkpoint to safetensors with the code that wrote it") from None
+            except (RuntimeError, OSError, EOFError) as e:
+                raise CheckpointError(f"cannot read {f}: truncated or corrupt pickle checkpoint "
+                                      f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise CheckpointError(f"{f} is not a state dict of tensors")
             self._pickle.update(sd)
             for k in sd:
                 self.refs[k] = TensorRef(f, k)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_output_dir
+from ..files import atomic_output_dir, check_not_overlapping
 from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
@@ -175,11 +175,16 @@ def build(
     max_shard_size: int | str = "2GB",
     progress: bool = True,
 ) -> Path:
-    """Build a VLRM (``output: vlrm``) or merged LVLM (``output: lvlm``) directory from a recipe."""
+    """Build a VLRM (``output: vlrm``) or merged LVLM (``output: lvlm``) directory from a recipe.
+
+    ``out_dir`` may not be, contain or lie inside an input model folder or the recipe file (not even with ``force``).
+    """
     from .output import finalize_output  # late import: output.py imports transformers model classes
 
+    recipe_file = Path(recipe) if isinstance(recipe, str | Path) else None
     if not isinstance(recipe, Recipe):
         recipe = parse_recipe(recipe if not isinstance(recipe, str) else Path(recipe))
+    check_not_overlapping(out_dir, [*recipe.input_paths(), ("recipe", recipe_file)])
     try:
         plan = MergePlan(recipe, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
     except CheckpointError as e:
@@ -188,10 +193,11 @@ def build(
     shards = plan_shards(plan.specs, max_shard_size)
     total = sum(s.nbytes for s in plan.specs.values())
     with atomic_output_dir(out_dir, force=force) as tmp:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})", disable=not progress)
         done = 0
-        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL)
-        with ThreadPoolExecutor(max_workers=1) as io:
+        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL); the bar is
+        # closed (its line ended) before any error is printed
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})",
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io:
             for fname, names in shards.items():
                 w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
                 pending = None
@@ -207,7 +213,6 @@ def build(
                 if pending is not None:
                     pending.result()
                 w.close()
-        bar.close()
         write_index(tmp, shards, plan.specs)
         ancestry = executor.ancestor_report()
         for name, r in ancestry.items():

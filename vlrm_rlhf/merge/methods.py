@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import VLRMError, did_you_mean
 from .sparsify import BERNOULLI, MAGNITUDE, MAGPRUNE, OUTLIERS, Sparsifier, chunks, flat
+
+
+class UnknownMethodError(VLRMError, ValueError):
+    """A merge method name that is not registered; the message lists the known ones."""
+
 
 REQUIRED: Any = object()  # sentinel default for required parameters
 _EPS = 1e-7  # mergekit's guard in the L1 rescale
@@ -47,12 +53,17 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def unknown_method(name: str) -> str:
+    """The one-line message for an unknown merge method: a suggestion and the known methods."""
+    return f"unknown merge method {name!r}{did_you_mean(name, METHODS)} (known: {', '.join(sorted(METHODS))})"
+
+
 def get_method(name: str) -> MergeMethod:
     """Look a method up by name, listing the available ones when it is unknown."""
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+        raise UnknownMethodError(unknown_method(name)) from None
 
 
 # ----------------------------------------------------------------------------------------- validation

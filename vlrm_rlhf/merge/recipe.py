@@ -14,8 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from ..errors import VLRMError
-from .schedules import LayerSwap, Schedule, check_recipe_schedules, schedule_value
+from ..errors import VLRMError, did_you_mean
+from . import methods as M
+from .schedules import LayerSwap, Schedule, check_recipe_schedules, iter_settings, schedule_value
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
@@ -74,6 +75,7 @@ class Recipe(BaseModel):
     @classmethod
     def _schedules(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            check_parameter_names(data)
             check_recipe_schedules(data)
         return data
 
@@ -108,6 +110,14 @@ class Recipe(BaseModel):
         b = self.model_of("base")
         return b.model if b else None
 
+    def input_paths(self) -> list[tuple[str, str]]:
+        """(label, path) of every input model, e.g. ``("rm model", "/models/rm")``: what an output must not touch."""
+        out = [(f"{m.role} model", m.model) for m in self.models]
+        base = self.base_path()
+        if base is not None and all(p != base for _, p in out):
+            out.append(("base model", base))
+        return out
+
     def resolve_paths(self, root: Path) -> Recipe:
         """Return a copy whose model paths are absolute, resolved against ``root``."""
 
@@ -122,6 +132,28 @@ class Recipe(BaseModel):
         for m in data["models"]:
             m["model"] = fix(m["model"])
         return Recipe.model_validate(data)
+
+
+def check_parameter_names(data: dict[str, Any]) -> None:
+    """Every parameter key of a raw recipe mapping must be one its merge method takes (top level: shared or
+    per-model defaults; per model: per-model only); the error names the key, with a suggestion."""
+    name = data.get("merge_method")
+    if not isinstance(name, str):
+        return
+    method = M.METHODS.get(name)
+    if method is None:
+        raise ValueError(M.unknown_method(name))
+    shared, per = set(method.shared_params), set(method.input_params)
+    for where, key, _ in iter_settings(data):
+        top = where.startswith("parameters.")
+        allowed = shared | per if top else per
+        if key in allowed:
+            continue
+        if key in shared:
+            raise ValueError(f"{where}: {key!r} is a recipe-wide parameter of {name}; put it under the top-level "
+                             "`parameters:`")
+        raise ValueError(f"{where}: unknown parameter {key!r} for {name}{did_you_mean(str(key), allowed)} "
+                         f"(known: {', '.join(sorted(allowed)) or 'none'})")
 
 
 def _format_validation(err: ValidationError) -> str:
@@ -178,7 +210,9 @@ def parse_recipe(data: dict[str, Any] | str | Path, *, root: Path | None = None)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"invalid recipe {where}:\n{_format_validation(e)}") from None
+        lines = _format_validation(e)
+        sep = " " if "\n" not in lines else "\n"  # one problem: one line
+        raise RecipeError(f"invalid recipe {where}:{sep}{lines.strip() if sep == ' ' else lines}") from None
     return recipe.resolve_paths(root or Path.cwd())
 
 

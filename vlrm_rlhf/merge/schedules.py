@@ -50,6 +50,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from ..errors import did_you_mean
+
 # The one pattern for a decoder layer in a canonical text-model tensor name: ``layers.<index>.<rest>``
 LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 EMBEDDINGS = ("embed_tokens.weight",)
@@ -103,7 +105,8 @@ def parse_schedule(value: dict[str, Any], where: str) -> LinearSchedule | StepSc
     fields = KINDS[kind].model_fields
     for key in value:
         if key not in fields:
-            raise ValueError(f"{where}: unknown key {key!r} in a {kind} schedule (keys: {', '.join(fields)})")
+            raise ValueError(f"{where}: unknown key {key!r} in a {kind} schedule{did_you_mean(str(key), fields)} "
+                             f"(keys: {', '.join(fields)})")
     try:
         s = _SCHEDULE.validate_python(value)
     except ValidationError as e:
@@ -125,13 +128,22 @@ def parse_schedule(value: dict[str, Any], where: str) -> LinearSchedule | StepSc
     return s
 
 
+FILTER_KEYS = ("filter", "value")  # the keys of a mergekit ``filter:`` entry
+
+
 def _walk(setting: Any, where: str) -> Iterator[tuple[str, Any]]:
-    """(location, raw value) of every place a schedule may sit in one parameter setting."""
+    """(location, raw value) of every place a schedule may sit in one parameter setting; a filter entry with an
+    unknown key or without ``value`` raises (naming the key, with a suggestion)."""
     if isinstance(setting, dict) and "schedule" in setting:
         yield where, setting
     elif isinstance(setting, dict):
-        if "value" in setting:
-            yield from _walk(setting["value"], where + ".value")
+        for key in setting:
+            if key not in FILTER_KEYS:
+                raise ValueError(f"{where}: unknown key {key!r} in a filter entry{did_you_mean(str(key), FILTER_KEYS)} "
+                                 f"(keys: {', '.join(FILTER_KEYS)})")
+        if "value" not in setting:
+            raise ValueError(f"{where}: a filter entry needs `value:` (e.g. {{filter: mlp, value: 0.5}})")
+        yield from _walk(setting["value"], where + ".value")
     elif isinstance(setting, list):
         for i, x in enumerate(setting):
             if isinstance(x, dict):

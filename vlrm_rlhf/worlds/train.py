@@ -13,6 +13,7 @@ Design and hyperparameters follow the measured spike (``../shared/SHAPESWORLD-SP
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -302,8 +303,13 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     if progress:
         print(f"training {' and '.join(todo)} {'in parallel processes' if parallel and len(todo) > 1 else ''}...",
               flush=True)
-    if parallel and len(todo) > 1:
-        results = _run_children(todo, seed, cfg, dirs)
+    if parallel and len(todo) > 1:  # one thread each, in children that die with this process
+        from .children import run_children
+
+        jobs = {k: {"kind": k, "seed": seed, "cfg": asdict(cfg), "base": str(dirs["base"]), "out": str(dirs[k])}
+                for k in todo}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        results = run_children(jobs, "vlrm_rlhf.worlds.train:train_job", env=env)
     else:
         results = {k: _train_job(k, seed, cfg, dirs["base"], dirs[k], progress) for k in todo}
     for k, r in results.items():
@@ -321,39 +327,7 @@ def _train_job(kind: str, seed: int, cfg: TrainConfig, base_dir: Path, out: Path
     return r
 
 
-def _run_children(kinds: list[str], seed: int, cfg: TrainConfig, dirs: dict[str, Path]) -> dict[str, dict]:
-    """Train each kind in its own Python process with one thread (fresh interpreters: no fork, no __main__ rules)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in kinds:
-            spec = {"kind": k, "seed": seed, "cfg": asdict(cfg), "base": str(dirs["base"]), "out": str(dirs[k]),
-                    "result": str(Path(tmp) / f"{k}.json")}
-            procs[k] = subprocess.Popen([sys.executable, "-c", "from vlrm_rlhf.worlds.train import _child; _child()",
-                                         json.dumps(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
-        errors, out = {}, {}
-        for k, p in procs.items():
-            _, err = p.communicate()
-            if p.returncode != 0:
-                errors[k] = err[-3000:]
-            else:
-                out[k] = json.loads((Path(tmp) / f"{k}.json").read_text())
-    if errors:
-        raise RuntimeError("training failed: " + "; ".join(f"{k}: {e}" for k, e in errors.items()))
-    return out
-
-
-def _child() -> None:
-    """Entry point of a training child process: argv[1] is a JSON job spec."""
-    import sys
-
-    spec = json.loads(sys.argv[1])
+def train_job(kind: str, seed: int, cfg: dict, base: str, out: str) -> dict:
+    """One training job of ``train_all``'s child processes (JSON in, JSON out), on one thread."""
     torch.set_num_threads(1)
-    r = _train_job(spec["kind"], spec["seed"], TrainConfig(**spec["cfg"]), Path(spec["base"]), Path(spec["out"]))
-    Path(spec["result"]).write_text(json.dumps(r))
+    return _train_job(kind, seed, TrainConfig(**cfg), Path(base), Path(out))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..merge.writer import atomic_output_dir
+from ..files import atomic_output_dir
 
 __all__ = ["STAMP", "cached_log", "cosine_schedule", "encode_texts", "lm_loss", "mark_trained", "optimizer_step",
            "save_model_dir"]
