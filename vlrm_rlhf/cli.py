@@ -22,18 +22,28 @@ def merge(
     recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe with a role per model."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype (float32|bfloat16|float16); overrides the recipe."),
+    dtype: str = typer.Option(None, "--dtype", help="Dtype of merged tensors (float32|bfloat16|float16); overrides "
+                              "the recipe's. Copied tensors keep theirs unless --out-dtype."),
+    out_dtype: str = typer.Option(None, "--out-dtype", help="Cast every output tensor, copied ones too."),
     seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin checkpoints (loaded weights_only)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."),
+    dry: bool = typer.Option(False, "--dry-run", help="Print the plan (inputs, tensor sources, vocabulary, warnings, "
+                             "size, memory, disk) from configs and headers only; write nothing."),
 ) -> None:
     """Merge checkpoints into a VLRM (output: vlrm) or a merged LVLM (output: lvlm)."""
     from .merge import build
 
     install_warning_hook()
     with handled():
+        if dry:
+            from .merge.dryrun import dry_run
+
+            typer.echo(dry_run(recipe, out, force=force, dtype=dtype, out_dtype=out_dtype, seed=seed,
+                               allow_pickle=allow_pickle, max_shard_size=max_shard_size).text())
+            return
         path = build(recipe, out, force=force, dtype=dtype, seed=seed, allow_pickle=allow_pickle,
-                     max_shard_size=max_shard_size)
+                     max_shard_size=max_shard_size, out_dtype=out_dtype)
     typer.echo(f"wrote {path}")
 
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 from .errors import VLRMError
 
 __all__ = ["DiskFullError", "FileFormatError", "OutputBusyError", "OutputExistsError", "OutputFolderError",
-           "OverlapError", "atomic_output_dir", "check_not_overlapping", "check_writable", "exclusive_lock",
+           "OverlapError", "atomic_output_dir", "check_not_overlapping", "check_output_dir", "check_writable", "exclusive_lock",
            "read_csv", "read_jsonl", "stale_partials", "write_atomic", "write_bytes_atomic", "write_csv_atomic",
            "write_figure_atomic", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic"]
 
@@ -244,7 +244,7 @@ def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[P
     own them.
     """
     out_dir = Path(out_dir).resolve()
-    _check_target(out_dir, force)
+    check_output_dir(out_dir, force)
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[P
         raise _fault(e, parent, out_dir) from None
     lock = parent / f".{out_dir.name}.lock"
     with exclusive_lock(lock, f"another run is writing {out_dir} (lock {lock})"):
-        _check_target(out_dir, force)  # again: the output may have appeared before we held the lock
+        check_output_dir(out_dir, force)  # again: the output may have appeared before we held the lock
         for p in stale_partials(out_dir):  # under the lock every partial belongs to a dead run
             shutil.rmtree(p, ignore_errors=True)
         tmp = parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -282,7 +282,7 @@ def atomic_output_dir(out_dir: str | Path, *, force: bool = False) -> Iterator[P
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_target(out_dir: Path, force: bool) -> None:
+def check_output_dir(out_dir: Path, force: bool) -> None:
     """An output folder may be written: absent, or present and ``force``; a file is never replaced."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"output path {out_dir} is an existing file, not a folder; it is never replaced "

@@ -8,6 +8,8 @@ it from the module tree, and reads tensors lazily (memory-mapped safetensors) on
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -208,7 +210,10 @@ class Checkpoint:
         ref = self.refs[self.ckpt_key[module_key]]
         if self._pickle is not None:
             return self._pickle[ref.key].dtype
-        return _SAFE_DTYPES[self._handles[ref.file].get_slice(ref.key).get_dtype()]
+        name = self._handles[ref.file].get_slice(ref.key).get_dtype()
+        if name not in _SAFE_DTYPES:
+            raise CheckpointError(f"tensor {ref.key} in {ref.file} has dtype {name}, which merging does not support")
+        return _SAFE_DTYPES[name]
 
     def get(self, module_key: str) -> torch.Tensor:
         """Read one tensor lazily (memory-mapped; pages are read as the merge touches them)."""
@@ -230,6 +235,8 @@ class Checkpoint:
         with torch.device("meta"):
             model = cls._from_config(self.config)
         meta_sd = model.state_dict()
+        ignorable = _ignorable_on_load(model)
+        self.ignored: list[str] = []  # on-disk keys transformers ignores when loading (stale buffers)
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
@@ -240,12 +247,21 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{self.path}: tensor {key} needs a multi-tensor conversion ({conv}) that merging does not support"
                 )
+            if new not in meta_sd and ignorable(new):
+                self.ignored.append(key)
+                continue
             if new not in meta_sd:
                 raise CheckpointError(
                     f"tensor {key} of {self.role} model {self.path} is not part of {cls.__name__} "
                     "(present in this model only?); is the config right for these weights?"
                 )
             self.ckpt_key[new] = key
+        for key in self.ignored:
+            del self.refs[key]
+        if self.ignored:
+            warnings.warn(f"{self.role} model {self.path}: ignored {len(self.ignored)} tensor(s) that transformers "
+                          f"ignores when loading {cls.__name__} (stale buffers): {', '.join(self.ignored[:4])}"
+                          + (" ..." if len(self.ignored) > 4 else ""), stacklevel=4)
         text_cfg = self.config.get_text_config()
         self.tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(self.config, "tie_word_embeddings", False))
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
@@ -289,6 +305,13 @@ class Checkpoint:
             rel = f"layers.{j}.{split[1]}"
         return rel
 
+    def text_key(self, canon: str) -> str | None:
+        """Module key of text tensor ``canon``; a tied model's ``lm_head.weight`` is its embedding matrix."""
+        key = self.text.get(canon)
+        if key is None and canon == "lm_head.weight" and self.tied and self.lm_head_key is not None:
+            return self.embed_key
+        return key
+
     def tokenizer(self):
         """The checkpoint's tokenizer, or None when it ships no tokenizer files; files that fail to load are a
         ``CheckpointError`` with the loader's reason (never mistaken for "no tokenizer")."""
@@ -300,6 +323,25 @@ class Checkpoint:
     def close(self) -> None:
         self._handles.clear()
         self._pickle = None
+
+
+def _ignorable_on_load(model: torch.nn.Module):
+    """Predicate on module keys that ``from_pretrained`` of ``model``'s class drops silently: its non-persistent
+    buffers, its ``_keys_to_ignore_on_load_unexpected`` patterns and transformers' legacy ``rotary_emb.inv_freq`` /
+    ``position_ids`` patterns (applied, as transformers does, when the model has such buffers)."""
+    buffers = [n for n, _ in model.named_buffers()]
+    non_persistent = set()
+    for name in buffers:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in model.get_submodule(parent)._non_persistent_buffers_set:
+            non_persistent.add(name)
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    regex = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    return lambda key: key in non_persistent or (regex is not None and regex.search(key) is not None)
 
 
 _SAFE_DTYPES = {

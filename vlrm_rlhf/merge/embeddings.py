@@ -94,8 +94,11 @@ def plan_rows(
     base: str,
     owner: str,
     merge_sources: list[str],
+    min_rows: int = 0,
 ) -> RowPlan:
-    """Plan one vocab tensor given each source's row count (``rows``; absent = source lacks the tensor)."""
+    """Plan one vocab tensor given each source's row count (``rows``; absent = source lacks the tensor).
+
+    ``min_rows``: the output has at least this many rows (a config's ``vocab_size`` grown to hold appended ids)."""
     owner_rows = rows.get(owner, 0)
     if out.by_index:
         k = min(rows[s] for s in [base, *merge_sources])
@@ -105,48 +108,67 @@ def plan_rows(
             extra = torch.arange(k, owner_rows)
             copies.append((owner, extra, extra))
         return RowPlan(max(owner_rows, k), ar, {s: ar for s in merge_sources + [base]}, copies)
-    n_out = max(owner_rows, 1 + max((out.ids[t] for t, _ in out.appended), default=-1))
-    merge_out: list[int] = []
-    merge_src: dict[str, list[int]] = {s: [] for s in dict.fromkeys([base, *merge_sources])}
-    copies: dict[str, tuple[list[int], list[int]]] = {}
-    base_ids = vocabs[base].ids or {}
-    for r in range(n_out):
-        tok = out.tokens.get(r)
-        b = base_ids.get(tok) if tok is not None else None
-        if b is not None and b < rows[base]:
-            merge_out.append(r)
-            for s in merge_src:
-                i = vocabs[s].ids.get(tok)
-                # a source missing this row contributes the base row, i.e. a zero task vector
-                merge_src[s].append(i if i is not None and i < rows.get(s, 0) else -1 - b)
+    n_out = max(owner_rows, 1 + max((out.ids[t] for t, _ in out.appended), default=-1), min_rows)
+    # vectorised over output rows (a 128k vocabulary plans in milliseconds): each source's id of each row's token
+    toks = [out.tokens.get(r) for r in range(n_out)]
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def ids_in(name: str) -> torch.Tensor:
+        if name not in cache:
+            get = (vocabs[name].ids or {}).get
+            cache[name] = torch.tensor([-1 if t is None else get(t, -1) for t in toks], dtype=torch.long)
+        return cache[name]
+
+    def valid(i: torch.Tensor, name: str) -> torch.Tensor:
+        return (i >= 0) & (i < rows.get(name, 0))
+
+    b = ids_in(base)
+    merged = valid(b, base)
+    merge_out = merged.nonzero().flatten()
+    merge_src: dict[str, torch.Tensor] = {}
+    for s in dict.fromkeys([base, *merge_sources]):
+        i = (b if s == base else ids_in(s))[merge_out]
+        # a source missing this row contributes the base row, i.e. a zero task vector
+        merge_src[s] = torch.where(valid(i, s), i, -1 - b[merge_out])
+    has_tok = torch.tensor([t is not None for t in toks], dtype=torch.bool)
+    r = torch.arange(n_out)
+    todo = ~merged
+    found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    untokened = todo & ~has_tok & (r < owner_rows)  # padding rows without a token: the owner's, by index
+    if bool(untokened.any()):
+        found.append((owner, r[untokened], r[untokened]))
+    todo &= has_tok
+    for s in [owner, *[n for n in vocabs if n not in (owner, base)]]:
+        if s not in rows or not vocabs[s].ids or not bool(todo.any()):
             continue
-        src = None
-        if tok is None:
-            if r < owner_rows:
-                src = (owner, r)
-        else:
-            for s in [owner, *[n for n in vocabs if n not in (owner, base)]]:
-                i = vocabs[s].ids.get(tok) if vocabs[s].ids else None
-                if s in rows and i is not None and i < rows[s]:
-                    src = (s, i)
-                    break
-        if src is not None:
-            copies.setdefault(src[0], ([], []))
-            copies[src[0]][0].append(r)
-            copies[src[0]][1].append(src[1])
-    return RowPlan(
-        n_out,
-        torch.tensor(merge_out, dtype=torch.long),
-        {s: torch.tensor(v, dtype=torch.long) for s, v in merge_src.items()},
-        [(s, torch.tensor(o, dtype=torch.long), torch.tensor(i, dtype=torch.long)) for s, (o, i) in copies.items()],
-    )
+        i = ids_in(s)
+        take = todo & valid(i, s)
+        if bool(take.any()):
+            found.append((s, r[take], i[take]))
+            todo &= ~take
+    copies: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for s, o, i in found:
+        copies.setdefault(s, ([], []))
+        copies[s][0].append(o)
+        copies[s][1].append(i)
+    packed = []
+    for s, (os_, is_) in copies.items():
+        o, i = torch.cat(os_), torch.cat(is_)
+        order = o.argsort()
+        packed.append((s, o[order], i[order]))
+    packed.sort(key=lambda c: int(c[1][0]))  # sources in order of their first output row
+    return RowPlan(n_out, merge_out, merge_src, packed)
 
 
 def gather_rows(tensor: torch.Tensor, rows: torch.Tensor, base_tensor: torch.Tensor) -> torch.Tensor:
-    """Rows of ``tensor``; a negative entry ``-1 - b`` takes row ``b`` of the base instead."""
+    """Rows of ``tensor``; a negative entry ``-1 - b`` takes row ``b`` of the base instead.
+
+    Inputs of different floating dtypes (an fp16 LVLM, a bf16 RM) give their common type (float32): exact."""
     if bool((rows >= 0).all()):
         return tensor.index_select(0, rows)
-    out = base_tensor.index_select(0, torch.where(rows < 0, -1 - rows, 0))
+    dtype = torch.promote_types(tensor.dtype, base_tensor.dtype)
+    out = base_tensor.index_select(0, torch.where(rows < 0, -1 - rows, 0)).to(dtype)
     have = rows >= 0
-    out[have] = tensor.index_select(0, rows[have])
+    out[have] = tensor.index_select(0, rows[have]).to(dtype)
     return out

@@ -60,11 +60,15 @@ class MergePlan:
     """Everything decided before any tensor is merged: inputs, checks, vocabulary, producers, specs, parameters.
 
     Attributes (all set in ``__init__``, never changed): ``recipe``, ``method``, ``seed``, ``models`` (non-base
-    inputs), ``base``, ``lvlm``, ``rm``, ``out_dtype``, ``vocabs``, ``out_vocab``, ``producers`` and ``specs``
-    (output tensor name -> how it is made / its shape and dtype) and ``n_layers``.
+    inputs), ``base``, ``lvlm``, ``rm``, ``out_dtype`` (of merged tensors), ``copy_dtype`` (of copied tensors; None:
+    their source's), ``compute_dtype``, ``vocabs``, ``out_vocab``, ``pad_token``/``pad_id`` (the RM's, in the output
+    vocabulary), ``vocab_size`` (the output text config's), ``producers`` and ``specs`` (output tensor name -> how it
+    is made / its shape and dtype) and ``n_layers``. Building it reads configs, tokenizers and safetensors headers,
+    never tensor data, so every check here is a dry run's too.
     """
 
-    def __init__(self, recipe: Recipe, *, dtype: str | None = None, seed: int | None = None, allow_pickle: bool = False):
+    def __init__(self, recipe: Recipe, *, dtype: str | None = None, seed: int | None = None, allow_pickle: bool = False,
+                 out_dtype: str | None = None):
         self.recipe = recipe
         self.method = M.get_method(recipe.merge_method)
         seed = seed if seed is not None else recipe.seed
@@ -78,11 +82,22 @@ class MergePlan:
         self.rm: Source | None = next((s for s in both if s.role == "rm"), None)
         self._check_inputs()
         lv = self.lvlm.ckpt
-        out_name = dtype or recipe.out_dtype or recipe.dtype
+        # merged tensors: out_dtype, else dtype, else the LVLM's; copied tensors keep their own unless out_dtype
+        out_name = out_dtype or dtype or recipe.out_dtype or recipe.dtype
+        for given in (dtype, out_dtype):
+            if given is not None and given not in _DT:
+                raise RecipeError(f"unknown dtype {given!r}: use one of {', '.join(_DT)}")
         self.out_dtype: torch.dtype = _DT[out_name] if out_name else lv.dtype(lv.text["embed_tokens.weight"])
+        copy_name = out_dtype or recipe.out_dtype
+        self.copy_dtype: torch.dtype | None = _DT[copy_name] if copy_name else None
+        wide = torch.float64 in (self.out_dtype, _DT.get(recipe.dtype or ""))
+        self.compute_dtype: torch.dtype = torch.float64 if wide else torch.float32
         self._check_pairing()
         self.vocabs, self.out_vocab = self._build_vocab()
+        self.pad_token, self.pad_id = self._pad()
+        self.vocab_size: int = self._vocab_size()
         self.producers, self.specs = self._build_producers()
+        self._check_tensors()
         # decoder layers of the base text model (Mllama's cross-attention layers not counted)
         idx = [i for c in lv.text if (i := layer_of(c)) is not None]
         self.n_layers: int = 1 + max(idx) if idx else 0
@@ -175,6 +190,39 @@ class MergePlan:
             warnings.warn("some inputs ship no tokenizer: embedding rows are matched by index", stacklevel=2)
         return vocabs, out_vocab
 
+    def _pad(self) -> tuple[str | None, int | None]:
+        """The RM's pad token as (string, id in the output vocabulary); warns when it has none (output vlrm)."""
+        if self.recipe.output != "vlrm":
+            return None, None
+        rm = self.rm
+        assert rm is not None
+        pad_id = rm.ckpt.config.get_text_config().pad_token_id
+        if pad_id is None:
+            pad_id = getattr(rm.ckpt.config, "pad_token_id", None)
+        ids = self.vocabs[rm.name].ids
+        pad_str = None
+        if ids is not None:
+            if pad_id is None:
+                tok = rm.ckpt.tokenizer()
+                if tok is not None and tok.pad_token is not None:
+                    pad_str, pad_id = tok.pad_token, tok.pad_token_id
+            else:
+                pad_str = {i: t for t, i in ids.items()}.get(pad_id)
+        if pad_str is not None and not self.out_vocab.by_index:
+            pad_id = self.out_vocab.ids[pad_str]
+        if pad_id is None:
+            warnings.warn(f"reward model {rm.name} has no pad token: the VLRM can only score batches of 1", stacklevel=3)
+        return pad_str, pad_id
+
+    def _vocab_size(self) -> int:
+        """The output's ``text_config.vocab_size``: the LVLM's, grown so that appended ids and the pad id stay below
+        it (Mllama's embedding has 8 rows beyond ``vocab_size``, where an appended id would otherwise land)."""
+        size = self.lvlm.ckpt.config.get_text_config().vocab_size
+        ids = [self.out_vocab.ids[t] for t, _ in self.out_vocab.appended]
+        if self.pad_id is not None and not self.out_vocab.by_index:
+            ids.append(self.pad_id)
+        return max(size, 1 + max(ids, default=-1))
+
     # ---- outputs ------------------------------------------------------------------------------------------
     def _build_producers(self) -> tuple[dict[str, Producer], dict[str, TensorSpec]]:
         """How each output tensor is made, and its shape and dtype, in the LVLM's tensor order."""
@@ -184,10 +232,13 @@ class MergePlan:
         specs: dict[str, TensorSpec] = {}
 
         def add(name: str, p: Producer, shape: tuple[int, ...]) -> None:
-            src = self.source(p.source) if p.kind == "copy" else None
-            floating = src is None or src.ckpt.dtype(p.key).is_floating_point
             producers[name] = p
-            specs[name] = TensorSpec(tuple(shape), self.out_dtype if floating else src.ckpt.dtype(p.key))
+            if p.kind != "copy":
+                specs[name] = TensorSpec(tuple(shape), self.out_dtype)
+                return
+            own = self.source(p.source).ckpt.dtype(p.key)
+            cast = self.copy_dtype is not None and own.is_floating_point
+            specs[name] = TensorSpec(tuple(shape), self.copy_dtype if cast else own)
 
         canon_of = {mk: c for c, mk in lv.text.items()}
         for mk in lv.ckpt_key:
@@ -210,12 +261,38 @@ class MergePlan:
         return producers, specs
 
     def _row_plan(self, canon: str) -> RowPlan:
-        rows = {s.name: s.ckpt.shape(s.ckpt.text[canon])[0] for s in self.sources if canon in s.ckpt.text}
+        rows = {s.name: s.ckpt.shape(k)[0] for s in self.sources if (k := s.ckpt.text_key(canon)) is not None}
         base = self.base or self.lvlm
-        if canon not in base.ckpt.text:
+        if base.ckpt.text_key(canon) is None:
             raise MergeError(f"{canon} is needed for output {self.recipe.output} but base {base.name} lacks it")
         merge_srcs = [s.name for s in self.models if s.name in rows]
-        return plan_rows(self.out_vocab, rows, self.vocabs, base.name, self.lvlm.name, merge_srcs)
+        lv = self.lvlm.ckpt
+        extra = rows[self.lvlm.name] - lv.config.get_text_config().vocab_size  # rows beyond vocab_size (Mllama: 8)
+        return plan_rows(self.out_vocab, rows, self.vocabs, base.name, self.lvlm.name, merge_srcs,
+                         min_rows=self.vocab_size + extra)
+
+    def _check_tensors(self) -> None:
+        """Shapes and dtypes of every merged input tensor, from the headers: a bad input fails before any work."""
+        for name, p in self.producers.items():
+            if p.kind == "copy":
+                continue
+            have = [(s, k) for s in self.sources if (k := s.ckpt.text_key(p.key)) is not None]
+            for s, k in have:
+                if not s.ckpt.dtype(k).is_floating_point:
+                    raise MergeError(f"tensor {p.key} of {s.role} model {s.name} has non-floating dtype "
+                                     f"{s.ckpt.dtype(k)}: only floating tensors can be merged")
+            if p.kind == "vocab":
+                width = self.specs[name].shape[1:]
+                for s, k in have:
+                    if s.ckpt.shape(k)[1:] != width:
+                        raise MergeError(f"tensor {p.key}: {s.role} {s.name} has shape {s.ckpt.shape(k)}, "
+                                         f"expected (*, {', '.join(map(str, width))})")
+                continue
+            ref, rk = have[0]  # the base first, when there is one
+            for s, k in have[1:]:
+                if s.ckpt.shape(k) != ref.ckpt.shape(rk):
+                    raise MergeError(f"shape mismatch for {p.key}: {s.role} {s.name} has {s.ckpt.shape(k)}, "
+                                     f"{ref.role} {ref.name} has {ref.ckpt.shape(rk)}")
 
     # ---- parameters ---------------------------------------------------------------------------------------
     def _check_schedules(self, recipe: Recipe) -> None:
@@ -247,6 +324,17 @@ class MergePlan:
                                      f"{name}: add a catch-all entry without filter, e.g. `- {{value: 1.0}}`")
             per.append(p)
         return per, shared
+
+    def casts(self) -> dict[tuple[str, str], int]:
+        """Copied tensors whose dtype the output changes (``out_dtype``): (source dtype, output dtype) -> count."""
+        out: dict[tuple[str, str], int] = {}
+        for name, p in self.producers.items():
+            if p.kind == "copy":
+                src, dst = self.source(p.source).ckpt.dtype(p.key), self.specs[name].dtype
+                if src != dst:
+                    key = (str(src).removeprefix("torch."), str(dst).removeprefix("torch."))
+                    out[key] = out.get(key, 0) + 1
+        return out
 
     # ---- derived plans ------------------------------------------------------------------------------------
     def with_parameters(self, recipe: Recipe) -> MergePlan:

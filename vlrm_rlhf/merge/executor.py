@@ -56,13 +56,14 @@ class MergeExecutor:
         if swap_keeps(plan.recipe.layer_swap, canon):  # layer_swap: the LVLM's own tensor, bit-identical
             if plan.base is plan.lvlm:
                 return base
-            return tensors[[s for s in plan.models if canon in s.ckpt.text or base is not None].index(plan.lvlm)]
+            have = [s for s in plan.models if s.ckpt.text_key(canon) is not None or base is not None]
+            return tensors[have.index(plan.lvlm)]
         per, shared = plan.parameters_for(canon)
         if len(tensors) != len(per):  # models lacking the tensor, with no base to stand in for them
-            have = [s for s in plan.models if canon in s.ckpt.text]
+            have = [s for s in plan.models if s.ckpt.text_key(canon) is not None]
             per = [p for s, p in zip(plan.models, per) if s in have]
         try:
-            return M.merge_tensor(plan.method, base, tensors, per, shared, self._generator(canon))
+            return M.merge_tensor(plan.method, base, tensors, per, shared, self._generator(canon), plan.compute_dtype)
         except ValueError as e:
             raise MergeError(f"tensor {canon}: {e}") from e
 
@@ -77,10 +78,12 @@ class MergeExecutor:
             if out.is_floating_point() and not bool(torch.isfinite(out).all()):
                 raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
             return out
-        base = plan.base.ckpt.get(plan.base.ckpt.text[p.key]) if plan.base else None
-        # a model without this tensor (an RM has no lm_head) contributes the base's: a zero task vector
-        srcs = [s for s in plan.models if p.key in s.ckpt.text or base is not None]
-        tensors = [s.ckpt.get(s.ckpt.text[p.key]) if p.key in s.ckpt.text else base for s in srcs]
+        base = plan.base.ckpt.get(plan.base.ckpt.text_key(p.key)) if plan.base else None
+        # a model without this tensor (an RM has no lm_head) contributes the base's: a zero task vector; a tied
+        # model's lm_head is its embedding matrix (``Checkpoint.text_key``)
+        keys = {s.name: s.ckpt.text_key(p.key) for s in plan.models}
+        srcs = [s for s in plan.models if keys[s.name] is not None or base is not None]
+        tensors = [s.ckpt.get(keys[s.name]) if keys[s.name] is not None else base for s in srcs]
         inputs = ([(plan.base, base)] if plan.base else []) + list(zip(srcs, tensors))
         if plan.method.name not in _PROPAGATES_NAN:  # masking methods could silently drop a NaN: check inputs
             _check_inputs_finite(p.key, inputs)
@@ -123,7 +126,7 @@ class MergeExecutor:
         out.index_copy_(0, rp.merge_out, merged)
         for sname, o, i in rp.copies:
             src = plan.source(sname)
-            out.index_copy_(0, o, src.ckpt.get(src.ckpt.text[p.key]).index_select(0, i).to(merged.dtype))
+            out.index_copy_(0, o, src.ckpt.get(src.ckpt.text_key(p.key)).index_select(0, i).to(merged.dtype))
         return out
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
@@ -174,10 +177,12 @@ def build(
     allow_pickle: bool = False,
     max_shard_size: int | str = "2GB",
     progress: bool = True,
+    out_dtype: str | None = None,
 ) -> Path:
     """Build a VLRM (``output: vlrm``) or merged LVLM (``output: lvlm``) directory from a recipe.
 
-    ``out_dir`` may not be, contain or lie inside an input model folder or the recipe file (not even with ``force``).
+    ``dtype`` overrides the recipe's dtype of merged tensors; ``out_dtype`` casts copied tensors too. ``out_dir``
+    may not be, contain or lie inside an input model folder or the recipe file (not even with ``force``).
     """
     from .output import finalize_output  # late import: output.py imports transformers model classes
 
@@ -186,7 +191,7 @@ def build(
         recipe = parse_recipe(recipe if not isinstance(recipe, str) else Path(recipe))
     check_not_overlapping(out_dir, [*recipe.input_paths(), ("recipe", recipe_file)])
     try:
-        plan = MergePlan(recipe, dtype=dtype, seed=seed, allow_pickle=allow_pickle)
+        plan = MergePlan(recipe, dtype=dtype, seed=seed, allow_pickle=allow_pickle, out_dtype=out_dtype)
     except CheckpointError as e:
         raise MergeError(str(e)) from e
     executor = MergeExecutor(plan)

@@ -108,10 +108,11 @@ def _fill(method: MergeMethod, spec: Mapping[str, Any], given: Mapping[str, Any]
 
 def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequence[Tensor],
                  params: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
     """Validate inputs and parameters, then merge `tensors` (and `base`) with the named method.
 
-    Computes in float32 (float64 when any input is float64) and returns that dtype.
+    Inputs may mix floating dtypes (fp16, bf16, fp32): each is cast chunk by chunk to the compute dtype, float32
+    (float64 when any input is float64 or ``compute_dtype`` is float64), and the result has that dtype.
     """
     m = get_method(method) if isinstance(method, str) else method
     if len(params) != len(tensors):
@@ -133,7 +134,8 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
                              f"but {ref_name} has shape {tuple(ref.shape)}")
     if m.stochastic and generator is None:
         raise ValueError(f"{m.name} is stochastic: pass a torch.Generator (set a seed) to merge_tensor")
-    dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in inputs) else torch.float32
+    wide = compute_dtype == torch.float64 or any(t.dtype == torch.float64 for _, t in inputs)
+    dtype = torch.float64 if wide else torch.float32
     if ref.numel() == 0:
         return torch.empty(ref.shape, dtype=dtype)
     return m.fn(base, list(tensors), filled, filled_shared, generator, dtype).reshape(ref.shape)

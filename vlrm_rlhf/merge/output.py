@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import warnings
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,24 +28,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def rm_pad_token(plan) -> tuple[str | None, int | None]:
-    """The RM's pad token as (string, id in the RM's vocabulary)."""
-    rm = plan.rm
-    pad_id = rm.ckpt.config.get_text_config().pad_token_id
-    if pad_id is None:
-        pad_id = getattr(rm.ckpt.config, "pad_token_id", None)
-    ids = plan.vocabs[rm.name].ids
-    if ids is None:
-        return None, pad_id
-    inv = {i: t for t, i in ids.items()}
-    if pad_id is None:
-        tok = rm.ckpt.tokenizer()
-        if tok is not None and tok.pad_token is not None:
-            return tok.pad_token, tok.pad_token_id
-        return None, None
-    return inv.get(pad_id), pad_id
-
-
 def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None) -> None:
     """Write config, tokenizer/processor files (LVLM's, plus donor-only tokens), recipe and model card.
 
@@ -59,10 +40,7 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
             shutil.copy2(f, out / f.name)
     config = pretrained(AutoConfig, lv.name)
     text_cfg = config.get_text_config()
-    embed_key = lv.ckpt.embed_key
-    grow = plan.specs[embed_key].shape[0] - lv.ckpt.shape(embed_key)[0]
-    if grow:
-        text_cfg.vocab_size = text_cfg.vocab_size + grow
+    text_cfg.vocab_size = plan.vocab_size  # grown so that appended ids and the pad id stay below it
     config.dtype = str(plan.out_dtype).removeprefix("torch.")
 
     tok = None
@@ -76,12 +54,8 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
             raise RuntimeError("appending donor-only tokens to the LVLM tokenizer gave unexpected ids")
 
     if plan.recipe.output == "vlrm":
-        pad_str, pad_id = rm_pad_token(plan)
-        if pad_str is not None and not plan.out_vocab.by_index:
-            pad_id = plan.out_vocab.ids[pad_str]
-        if pad_id is None:
-            warnings.warn(f"reward model {plan.rm.name} has no pad token: the VLRM can only score batches of 1", stacklevel=2)
-        elif tok is not None and pad_str is not None and tok.pad_token != pad_str:
+        pad_str, pad_id = plan.pad_token, plan.pad_id  # the plan warned already when there is none
+        if tok is not None and pad_str is not None and tok.pad_token != pad_str:
             tok.pad_token = pad_str
         config.architectures = [lv.ckpt.family.seq_cls]
         config.num_labels = 1
@@ -95,6 +69,14 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
     config.save_pretrained(out)
     (out / "merge_recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(plan), sort_keys=False))
     (out / "README.md").write_text(model_card(plan, ancestry))
+
+
+def cast_note(plan) -> str:
+    """One line for the model card: which copied tensors (vision tower, projector, score head) were cast."""
+    done = plan.casts()
+    if not done:
+        return "copied tensors keep their source dtype (bit-identical copies)"
+    return "cast by `out_dtype`: " + ", ".join(f"{n} copied tensor(s) {a} → {b}" for (a, b), n in sorted(done.items()))
 
 
 def _recipe_dict(plan) -> dict:
@@ -142,7 +124,8 @@ projector of the LVLM, a merged language model{head}.
 - method: `{r.merge_method}`
 - recipe parameters: `{to_jsonable_python(r.parameters or {})}`
 - seed: {plan.seed}
-- output dtype: {str(plan.out_dtype).removeprefix('torch.')}
+- merged tensors: {str(plan.out_dtype).removeprefix('torch.')} (computed in {str(plan.compute_dtype).removeprefix('torch.')})
+- {cast_note(plan)}
 - tokens appended to the LVLM's vocabulary: {appended}
 - the full recipe is in `merge_recipe.yaml`
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import VLRMError
+from .chat import apply_template
 from .inputs import InputError, Sample, make_sample
 from .prefix import PrefixScorer
 
@@ -57,9 +58,9 @@ def render(owner, messages: list[dict], *, plain_text: bool = False) -> str:
 
 def render_chat(owner, messages: list[dict], *, generation_prompt: bool = False) -> str:
     """``owner.apply_chat_template`` as text with "today" pinned (``date_kwargs``): the one rendering that the
-    scorer, best-of-n generation and the LVLM judge share, so a prompt renders the same everywhere."""
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                     **date_kwargs(owner))
+    scorer, best-of-n generation and the LVLM judge share, so a prompt renders the same everywhere. A template's
+    refusal of a system message is handled by folding it into the first user turn (``chat.apply_template``)."""
+    return apply_template(owner, messages, add_generation_prompt=generation_prompt, **date_kwargs(owner))
 
 
 def date_kwargs(owner) -> dict[str, Any]:
