@@ -38,4 +38,4 @@ def main(script_args: scripts.RewardScriptArguments, training_args: VLPPOConfig,
 
 if __name__ == "__main__":
     parser = TrlParser((scripts.RewardScriptArguments, VLPPOConfig, ModelConfig))
-    main(*scripts.parse(parser))
+    scripts.run_recipe(main, parser)

@@ -37,4 +37,4 @@ def main(script_args: scripts.RewardScriptArguments, training_args: RLOOConfig, 
 
 if __name__ == "__main__":
     parser = TrlParser((scripts.RewardScriptArguments, RLOOConfig, ModelConfig))
-    main(*scripts.parse(parser))
+    scripts.run_recipe(main, parser)

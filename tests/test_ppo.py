@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,10 @@ from transformers import (
     TrainerCallback,
 )
 
+from vlrm_rlhf.checkpoints import CheckpointError
 from vlrm_rlhf.errors import VLRMError
-from vlrm_rlhf.reward.trl import VLRMReward
+from vlrm_rlhf.reward.trl import NonFiniteRewardError, NonFiniteRewardWarning, VLRMReward
+from vlrm_rlhf.scripts import checked_reward
 from vlrm_rlhf.testing.zoo import demo_image
 from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
 from vlrm_rlhf.trainers.ppo import SAMPLES_FILE
@@ -177,6 +180,48 @@ def test_checkpoint_and_resume_match_uninterrupted_run(dirs, tmp_path):
     assert [h["episode"] for h in logs] == [4, 8, 12]
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr"):
         assert logs[-1][key] == pytest.approx(ref_logs[-1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_resume_skips_a_half_written_checkpoint(dirs, tmp_path):
+    """A kill while saving checkpoint-2 leaves only its config.json: ``resume_from_checkpoint="true"`` (the
+    command line's string) resumes from checkpoint-1, runs the 2 missing updates, and matches the full run."""
+    run = tmp_path / "run"
+    part = text_trainer(dirs, config(run, 3, save_strategy="steps", save_steps=1), callbacks=[StopAt(2)])
+    part.train()
+    ref = [h for h in part.state.log_history if "objective/scores" in h]
+    for f in (run / "checkpoint-2").iterdir():
+        if f.name != "config.json":
+            f.unlink() if f.is_file() else shutil.rmtree(f)
+    resumed = text_trainer(dirs, config(run, 3))
+    with pytest.warns(UserWarning, match=r"skipping incomplete checkpoint .*checkpoint-2: no trainer_state\.json"):
+        resumed.train(resume_from_checkpoint="true")
+    logs = [h for h in resumed.state.log_history if "objective/scores" in h]
+    assert resumed.timing["updates"] == 2 and [h["episode"] for h in logs] == [4, 8, 12]
+    assert logs[1]["objective/scores"] == pytest.approx(ref[1]["objective/scores"], rel=1e-5, abs=1e-7)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: not a complete checkpoint: no trainer_state\.json"), \
+            pytest.warns(UserWarning):
+        text_trainer(dirs, config(run, 3)).train(resume_from_checkpoint=str(run / "checkpoint-2"))
+
+
+def test_non_finite_user_reward_raises_or_is_skipped_with_a_warning(dirs, tmp_path):
+    """NaN from a reward callable used to count as 0 silently: now it names the function and the sample, or
+    (wrapped with ``non_finite="none"``) warns and counts the sample as skipped."""
+    def nan_second(prompts, completions, **kw):
+        return [math.nan if i == 1 else 0.5 for i in range(len(completions))]
+
+    def trainer(reward: Any, out: Path) -> VLPPOTrainer:
+        return VLPPOTrainer(model=AutoModelForCausalLM.from_pretrained(dirs["base"]), reward_funcs=reward,
+                            args=config(out, 1), train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                            processing_class=AutoTokenizer.from_pretrained(dirs["base"]),
+                            value_model=AutoModelForSequenceClassification.from_pretrained(dirs["rm"], num_labels=1))
+
+    with pytest.raises(NonFiniteRewardError, match=r"nan_second: non-finite reward nan for sample 1 \(of 4; 1 "
+                                                   r"non-finite\); prompt: '.*'; completion: "):
+        trainer(nan_second, tmp_path / "raise").train()
+    skipping = trainer(checked_reward(nan_second, "none"), tmp_path / "none")
+    with pytest.warns(NonFiniteRewardWarning, match=r"nan_second: non-finite reward nan for sample 1 .*skipped"):
+        skipping.train()
+    assert all(math.isfinite(h["objective/scores"]) for h in skipping.state.log_history if "objective/scores" in h)
 
 
 # ---- sample generations, refused settings ---------------------------------------------------------------------

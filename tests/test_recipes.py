@@ -57,8 +57,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a recipe; OMP_NUM_THREADS=1 (tiny models are ~20x faster on one thread here)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(cwd)}
+    """Run a recipe; OMP_NUM_THREADS=1 (tiny models are ~20x faster on one thread here). This checkout's package
+    comes first on the path (not an installed copy); ``cwd`` holds the tests' reward modules."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -195,7 +197,8 @@ def test_script_fails_before_training_on_missing_image(setup, tmp_path):
     cmd = recipe_cmd("grpo", setup, tmp_path / "out")
     cmd[cmd.index("--dataset_name") + 1] = str(bad)
     res = run(cmd, tmp_path)
-    assert res.returncode != 0 and "bad.jsonl row 0: image file not found" in res.stderr
+    assert res.returncode == 2 and "error: DataError: " in res.stderr and "bad.jsonl row 0: image file not found" in res.stderr
+    assert "Traceback" not in res.stderr  # one line naming the culprit, not a traceback
     assert not (tmp_path / "out").exists()
 
 
@@ -226,8 +229,8 @@ def test_reward_of_wrong_length(setup, tmp_path):
 
     (tmp_path / "bad_rewards.py").write_text("def one(completions, **kw):\n    return [0.0]\n")
     res = run(recipe_cmd("grpo", setup, tmp_path / "out", "--reward_funcs", "bad_rewards.one"), tmp_path)
-    assert res.returncode != 0
-    assert "RewardLengthError: reward function 'one' returned 1 rewards for 2 completions" in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: RewardLengthError: reward function 'one' returned 1 rewards for 2 completions" in res.stderr
     assert "0/2 [" not in res.stderr  # before the first step
 
 

@@ -4,12 +4,13 @@ A prompt dataset is a local JSON / JSONL / parquet file or a ``datasets.save_to_
 hold a ``prompt`` (a string, or TRL conversational messages) and an ``image`` (one per row) or ``images`` (a
 list) column. Image paths are relative to the dataset file (or directory). ``load_prompt_dataset`` validates
 every row *before* training (missing images, files that do not exist, placeholder counts; errors name the
-row), turns string prompts into conversational prompts with bare ``{"type": "image"}`` placeholders (the
+row; every image is decoded, so a truncated or non-image file is named with its row), turns string prompts into conversational prompts with bare ``{"type": "image"}`` placeholders (the
 form TRL's GRPO/RLOO/SFT trainers expect for a VLM policy) and casts the image column to ``datasets.Image``.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def _images_of(value: Any, where: str, base: Path) -> list[Any]:
         if x is None:
             continue
         if isinstance(x, dict) and x.get("bytes") is not None:  # datasets.Image storage with the bytes inline
+            _decode(io.BytesIO(x["bytes"]), where, f"the inline image{' ' + x['path'] if x.get('path') else ''}")
             out.append(x)
             continue
         p = x.get("path") if isinstance(x, dict) else x
@@ -60,8 +62,23 @@ def _images_of(value: Any, where: str, base: Path) -> list[Any]:
         resolved = Path(p) if Path(p).is_absolute() else base / p
         if not resolved.is_file():
             raise DataError(f"{where}: image file not found: {resolved} (paths are relative to {base})")
+        _decode(resolved, where, f"image file {resolved}")
         out.append(str(resolved))
     return out
+
+
+def _decode(source: Path | io.BytesIO, where: str, what: str) -> None:
+    """Decode an image fully (``PIL.Image.load``): a truncated, corrupt, non-image or decompression-bomb file
+    raises a ``DataError`` naming the row and the file now, not after the first training step."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as im:
+            im.load()
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where}: {what} is too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{where}: {what} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def to_conversation(prompt: Any, n_images: int, where: str = "row") -> list[dict[str, Any]]:

@@ -10,18 +10,27 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import ScriptArguments
 
+from .checkpoints import (
+    OutputInUseError,
+    clear_checkpoints,
+    previous_run,
+    resolve_resume,
+    resume_requested,
+)
 from .errors import VLRMError
 from .prompt_data import DataError, load_prompt_dataset
 from .reward.inputs import make_sample
 
-__all__ = ["RewardLengthError", "RewardScriptArguments", "check_reward_model", "checked_reward", "explain_batch_error",
-           "load_reward_funcs", "parse", "policy_needs_images", "prepare_rl", "probe_rewards", "train_and_save"]
+__all__ = ["OutputArguments", "RewardLengthError", "RewardScriptArguments", "check_reward_model", "checked_reward",
+           "explain_batch_error", "load_reward_funcs", "loading", "parse", "policy_needs_images", "prepare_output",
+           "prepare_rl", "probe_rewards", "run_recipe", "train_and_save"]
 
 
 class RewardLengthError(VLRMError, ValueError):
@@ -29,7 +38,16 @@ class RewardLengthError(VLRMError, ValueError):
 
 
 @dataclass
-class RewardScriptArguments(ScriptArguments):
+class OutputArguments:
+    """What a recipe does with an ``output_dir`` that holds an earlier run (every recipe's script arguments)."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an output_dir that holds an earlier run: its checkpoints are deleted. Without it "
+                "(or --resume_from_checkpoint) such a folder is refused."})
+
+
+@dataclass
+class RewardScriptArguments(ScriptArguments, OutputArguments):
     """TRL's script arguments (``dataset_name``, ``dataset_train_split``, ...) plus the reward's.
 
     ``dataset_name`` is a local JSON/JSONL/parquet file or ``save_to_disk`` directory (see ``vlrm_rlhf.prompt_data``).
@@ -42,6 +60,22 @@ class RewardScriptArguments(ScriptArguments):
         "help": "Extra reward functions as dotted import paths (my_module.my_reward), GRPO protocol."})
     reward_normalize: str | None = field(default=None, metadata={
         "help": "Normalise VLRM rewards: 'batch' or 'running' (default: raw)."})
+    reward_non_finite: str = field(default="raise", metadata={
+        "help": "A NaN/inf reward (VLRM or --reward_funcs): 'raise' an error naming the sample, or 'none': skip "
+                "the sample with a warning naming it."})
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Turn a failure to load ``what`` (a missing folder, a bad config: ``OSError``/``ValueError``) into a
+    ``DataError`` naming it, with the loader's first line."""
+    try:
+        yield
+    except VLRMError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load {what}: {first}") from e
 
 
 def policy_needs_images(model_name_or_path: str, trust_remote_code: bool = False) -> bool:
@@ -50,14 +84,19 @@ def policy_needs_images(model_name_or_path: str, trust_remote_code: bool = False
 
     from .models.loading import pretrained
 
-    cfg = pretrained(AutoConfig, model_name_or_path, trust_remote_code=trust_remote_code)
+    with loading(f"the policy --model_name_or_path {model_name_or_path}"):
+        cfg = pretrained(AutoConfig, model_name_or_path, trust_remote_code=trust_remote_code)
     return cfg.get_text_config() is not cfg
 
 
 # ---- rewards ------------------------------------------------------------------------------------------
-def checked_reward(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a GRPO/RLOO reward function so that a wrong number of rewards is a clear error naming it."""
+def checked_reward(func: Callable[..., Any], non_finite: str = "raise") -> Callable[..., Any]:
+    """Wrap a GRPO/RLOO/PPO reward function so that a wrong number of rewards is a clear error naming it, and
+    NaN/inf rewards follow the VLRM reward's ``non_finite`` policy (``reward.trl.check_finite``: raise, or
+    ``"none"``: skip with a warning naming the sample)."""
     from trl.trainer.utils import get_callable_name
+
+    from .reward.trl import check_finite
 
     name = get_callable_name(func)
 
@@ -69,7 +108,7 @@ def checked_reward(func: Callable[..., Any]) -> Callable[..., Any]:
             got = f"{n} rewards" if n is not None else f"a {type(out).__name__}"
             raise RewardLengthError(f"reward function {name!r} returned {got} for {len(completions)} completions; "
                                     "it must return one float (or None) per completion")
-        return list(out)
+        return check_finite(name, list(out), prompts, completions, non_finite)  # type: ignore[arg-type]
 
     wrapper.__name__ = name
     wrapper.__wrapped__ = func  # type: ignore[attr-defined]
@@ -80,7 +119,7 @@ def probe_rewards(funcs: Sequence[Callable[..., Any]], dataset: Any, rows: int =
     """Call each reward function that is not a VLRM once, before training, on the first ``rows`` prompts with a
     dummy completion: a wrong number of rewards raises ``RewardLengthError`` now instead of after the first
     generation. Other failures of the probe are ignored (the function may need real completions)."""
-    from .reward.trl import VLRMReward
+    from .reward.trl import RewardValueError, VLRMReward
 
     batch = dataset.select(range(min(rows, len(dataset))))
     columns = {c: list(batch[c]) for c in batch.column_names if c != "prompt"}
@@ -91,7 +130,7 @@ def probe_rewards(funcs: Sequence[Callable[..., Any]], dataset: Any, rows: int =
         try:
             f(prompts=list(batch["prompt"]), completions=completions, completion_ids=[[0]] * len(batch),
               trainer_state=None, log_extra=None, log_metric=None, **columns)
-        except RewardLengthError:
+        except (RewardLengthError, RewardValueError):
             raise
         except Exception:  # noqa: BLE001, S110  (see the docstring)
             pass
@@ -101,22 +140,32 @@ def load_reward_funcs(reward_model_path: str | None, modes: Sequence[str] = ("vl
                       extra: Sequence[str] = (), **kw: Any) -> list[Callable[..., Any]]:
     """The VLRM reward functions (one per mode, see ``vlrm_rlhf.reward_funcs``) plus ``extra`` dotted import
     paths of reward functions (``my_module.my_reward``, imported relative to the working directory), each
-    wrapped by ``checked_reward``."""
+    wrapped by ``checked_reward``. ``non_finite`` (``"raise"``/``"none"``) applies to all of them."""
     import importlib
 
     from .reward.factory import reward_funcs
 
-    funcs: list[Callable[..., Any]] = list(reward_funcs(reward_model_path, modes=tuple(modes), **kw)) \
-        if reward_model_path else []
+    non_finite = kw.pop("non_finite", "raise")
+    if non_finite not in ("raise", "none"):
+        raise DataError(f"--reward_non_finite {non_finite!r}: use 'raise' or 'none'")
+    with loading(f"the reward model --reward_model_path {reward_model_path}"):
+        funcs: list[Callable[..., Any]] = list(reward_funcs(reward_model_path, modes=tuple(modes),
+                                                            non_finite=non_finite, **kw)) if reward_model_path else []
     for dotted in extra:
         module, _, attr = dotted.rpartition(".")
         if not module:
             raise DataError(f"reward function {dotted!r}: give a dotted import path like my_module.my_reward")
         sys.path.insert(0, os.getcwd())
-        funcs.append(getattr(importlib.import_module(module), attr))
+        try:
+            func = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise DataError(f"reward function {dotted!r} cannot be imported: {type(e).__name__}: {e}") from e
+        if not callable(func):
+            raise DataError(f"reward function {dotted!r} is a {type(func).__name__}, not a function")
+        funcs.append(func)
     if not funcs:
         raise DataError("no reward: give --reward_model_path (a VLRM directory) and/or --reward_funcs")
-    return [checked_reward(f) for f in funcs]
+    return [checked_reward(f, non_finite) for f in funcs]
 
 
 def check_reward_model(scorer: Any, dataset: Any, path: str = "the VLRM", rows: int = 1) -> None:
@@ -167,14 +216,62 @@ def explain_batch_error(error: ValueError) -> ValueError:
 
 
 def parse(parser: Any) -> tuple[Any, ...]:
-    """``parser.parse_args_and_config()`` with batch-size errors explained (see ``explain_batch_error``)."""
+    """``parser.parse_args_and_config()`` with batch-size errors explained (see ``explain_batch_error``); any
+    other invalid setting or unreadable ``--config`` is a ``DataError`` with the parser's message."""
     try:
         return parser.parse_args_and_config()
+    except VLRMError:
+        raise
     except ValueError as e:
         err = explain_batch_error(e)
-        if err is e:
+        raise (err if err is not e else DataError(f"invalid training arguments: {e}")) from None
+    except OSError as e:
+        raise DataError(f"cannot read the --config file: {e}") from None
+
+
+def prepare_output(script_args: Any, training_args: Any, *, resolve: bool = True) -> None:
+    """Before loading anything: decide what happens to ``output_dir``.
+
+    ``--resume_from_checkpoint true`` (``True``, ``1``, ``yes``, or the YAML's ``true``) becomes the newest
+    *complete* checkpoint there (``resolve``; otherwise just ``True``), a path must be a complete checkpoint
+    (``checkpoints.resolve_resume``). Without it, an ``output_dir`` holding an earlier run is refused
+    (``OutputInUseError``) unless ``--overwrite_output_dir`` is given, which deletes the old checkpoints.
+    """
+    out = training_args.output_dir
+    asked = resume_requested(training_args.resume_from_checkpoint)
+    if asked is not False:
+        training_args.resume_from_checkpoint = resolve_resume(asked, out, optimizer=not training_args.save_only_model) \
+            if resolve else asked
+        return
+    training_args.resume_from_checkpoint = None
+    if getattr(script_args, "overwrite_output_dir", False):
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per machine deletes
+            gone = clear_checkpoints(out)
+            if gone:
+                print(f"--overwrite_output_dir: deleted the earlier run's {', '.join(gone)} in {out}", file=sys.stderr)
+        return
+    found = previous_run(out)
+    if found:
+        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise OutputInUseError(f"--output_dir {out} holds an earlier run ({listed}): pass --resume_from_checkpoint "
+                               "true to continue it, or --overwrite_output_dir to start over (deletes its checkpoints)")
+
+
+def run_recipe(main: Callable[..., None], parser: Any, *, resolve: bool = True) -> None:
+    """A recipe's ``__main__``: parse the arguments, check the output folder (``prepare_output``), run ``main``.
+
+    A bad input (any ``VLRMError``: data, reward, arguments, checkpoints) ends in one ``error:`` line naming the
+    culprit on stderr and exit status 2, not a traceback (set ``VLRM_TRACEBACK=1`` to see it).
+    """
+    try:
+        args = parse(parser)
+        prepare_output(args[0], args[1], resolve=resolve)
+        main(*args)
+    except VLRMError as e:
+        if os.environ.get("VLRM_TRACEBACK"):
             raise
-        raise err from None
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str, Any, list[Callable[..., Any]]]:
@@ -189,7 +286,8 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
                                   require_images=policy_needs_images(
                                       policy, getattr(model_args, "trust_remote_code", False)))
     rewards = load_reward_funcs(script_args.reward_model_path, script_args.reward_modes,
-                                script_args.reward_funcs, normalize=script_args.reward_normalize)
+                                script_args.reward_funcs, normalize=script_args.reward_normalize,
+                                non_finite=script_args.reward_non_finite)
     # fail now, not after the first generation: a VLRM that cannot render these conversations, a reward
     # function that returns the wrong number of rewards
     if script_args.reward_model_path:
@@ -199,9 +297,13 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
 
 
 def train_and_save(trainer: Any, args: Any) -> None:
-    """The end of every recipe: train (resuming if asked), save the model and ``trainer_state.json`` (the logged
-    metrics), then ``Trainer.end()``: finish trackers and destroy the process group, for a clean DeepSpeed exit."""
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    """The end of every recipe: train (resuming from the newest *complete* checkpoint if asked, see
+    ``checkpoints.resolve_resume``), save the model and ``trainer_state.json`` (the logged metrics), then
+    ``Trainer.end()``: finish trackers and destroy the process group, for a clean DeepSpeed exit."""
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, optimizer=not args.save_only_model)
+    if resume:
+        trainer.accelerator.print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()
     trainer.accelerator.print(f"saved to {args.output_dir}")

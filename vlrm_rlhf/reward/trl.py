@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,8 @@ from ..errors import VLRMError
 from .inputs import InputError, Sample, make_sample
 from .scorer import Mode, Plan, VLRewardScorer
 
-__all__ = ["NonFiniteRewardError", "VLRMReward", "default_name", "sibling_scorer"]
+__all__ = ["NonFiniteRewardError", "NonFiniteRewardWarning", "RewardValueError", "VLRMReward", "check_finite",
+           "default_name", "sibling_scorer"]
 
 Normalize = Literal["batch", "running"]
 _EPS = 1e-6
@@ -48,6 +50,42 @@ _ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.
 
 class NonFiniteRewardError(VLRMError, FloatingPointError):
     """The reward model returned NaN/inf for a sample (``non_finite="raise"``); the message names it."""
+
+
+class NonFiniteRewardWarning(UserWarning):
+    """A NaN/inf reward was skipped (``non_finite="none"``); the message names the function and the sample."""
+
+
+class RewardValueError(VLRMError, TypeError):
+    """A reward function returned something that is neither a number nor ``None``; the message names it."""
+
+
+def check_finite(name: str, rewards: Sequence[Any], prompts: Sequence[Any], completions: Sequence[Any],
+                 non_finite: Literal["raise", "none"] = "raise") -> list[float | None]:
+    """The non-finite policy of ``VLRMReward`` for any reward function's output: NaN/inf rewards raise a
+    ``NonFiniteRewardError`` naming ``name``, the sample, its prompt and completion (``"raise"``), or become
+    ``None`` (TRL skips the sample) with a ``NonFiniteRewardWarning`` naming them (``"none"``). ``None`` stays."""
+    out: list[float | None] = []
+    for i, r in enumerate(rewards):
+        if r is None:
+            out.append(None)
+            continue
+        try:
+            out.append(float(r))
+        except (TypeError, ValueError):
+            raise RewardValueError(f"reward function {name!r} returned {r!r:.80} (a {type(r).__name__}) for sample "
+                                   f"{i}; a reward must be a float (or None to skip the sample)") from None
+    bad = [i for i, v in enumerate(out) if v is not None and not math.isfinite(v)]
+    if not bad:
+        return out
+    i = bad[0]
+    where = (f"{name}: non-finite reward {out[i]} for sample {i} (of {len(out)}; {len(bad)} non-finite); "
+             f"prompt: {_preview(prompts[i])}; completion: {_preview(completions[i])}")
+    if non_finite == "raise":
+        raise NonFiniteRewardError(f"{where}. Return None to skip a sample, or set non_finite='none' "
+                                   "(--reward_non_finite none) to skip such samples with a warning")
+    warnings.warn(f"{where}: skipped", NonFiniteRewardWarning, stacklevel=2)
+    return [None if j in bad else v for j, v in enumerate(out)]
 
 
 class VLRMReward:
@@ -221,6 +259,11 @@ class VLRMReward:
                     f"{len(bad)} non-finite here); prompt: {_preview(prompts[i])}; completion: {_preview(completions[i])}. "
                     "Pass non_finite='none' to skip such samples instead")
             raise NonFiniteRewardError(f"{self.__name__}: another rank got {int(n_bad)} non-finite reward(s)")
+        if bad:  # non_finite="none": skipped, but never silently
+            i = bad[0]
+            warnings.warn(f"{self.__name__}: non-finite reward {raw[i]} for sample {i} (of {len(raw)}; {len(bad)} "
+                          f"non-finite); prompt: {_preview(prompts[i])}; completion: {_preview(completions[i])}: "
+                          "skipped", NonFiniteRewardWarning, stacklevel=3)
         rewards = raw
         if need_stats and n > 0:
             mean = total / n

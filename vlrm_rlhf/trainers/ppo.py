@@ -58,7 +58,6 @@ from transformers import (
     TrainerState,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, selective_log_softmax
 
@@ -66,7 +65,9 @@ with warnings.catch_warnings():  # TRL warns on any trl.experimental import; the
     warnings.simplefilter("ignore")
     from trl.experimental.utils import first_true_indices, get_reward
 
+from ..checkpoints import resolve_resume
 from ..models.loading import pretrained
+from ..reward.trl import check_finite
 from .batching import (
     TEXT_KEYS,
     EpochSampler,
@@ -283,7 +284,9 @@ class VLPPOTrainer(Trainer):
     # ---- rewards --------------------------------------------------------------------------------------
     def _scores(self, samples: list[dict], queries: torch.Tensor, responses: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over reward functions of each response's score (NaN/None rewards count as 0)."""
+        """Weighted sum over reward functions of each response's score. ``None`` (a skipped sample) counts as 0;
+        NaN/inf raises ``NonFiniteRewardError`` naming the function and sample (to skip such samples, wrap the
+        function with ``scripts.checked_reward(f, non_finite="none")``: it warns and returns ``None``)."""
         device, pad = queries.device, self.tokenizer.pad_token_id
         n, chunk = len(samples), self.args.local_rollout_forward_batch_size
         cols = columns([s["row"] for s in samples])
@@ -299,6 +302,7 @@ class VLPPOTrainer(Trainer):
                 for s in range(0, n, chunk):
                     qr = torch.cat((queries[s:s + chunk], responses[s:s + chunk]), 1)
                     per_func[s:s + chunk, j] = get_reward(func, qr, pad, queries.shape[1])[1]
+                check_finite(type(func).__name__, per_func[:, j].tolist(), prompts, completions)
                 continue
             out = func(prompts=prompts, completions=completions, completion_ids=ids, trainer_state=self.state,
                        log_extra=lambda *a: None, log_metric=lambda k, v: self._metrics.__setitem__(k, v),
@@ -306,7 +310,8 @@ class VLPPOTrainer(Trainer):
             if len(out) != n:
                 raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(out)} "
                                  f"rewards for {n} completions")
-            per_func[:, j] = torch.tensor([math.nan if r is None else float(r) for r in out], device=device)
+            out = check_finite(getattr(func, "__name__", repr(func)), out, prompts, completions)
+            per_func[:, j] = torch.tensor([math.nan if r is None else r for r in out], device=device)
         return torch.nansum(per_func * self.reward_weights.to(device), 1)
 
     # ---- one PPO update ---------------------------------------------------------------------------------
@@ -500,10 +505,11 @@ class VLPPOTrainer(Trainer):
 
     # ---- training loop -----------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> PPOTrainerState:
-        """Run ``num_total_batches`` PPO updates (resuming from a checkpoint directory, or the last one if True)."""
+        """Run ``num_total_batches`` PPO updates, resuming from a checkpoint directory, or with ``True`` (or
+        ``"true"``) from the newest *complete* one in ``output_dir`` (``checkpoints.resolve_resume``)."""
         args, acc = self.args, self.accelerator
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, args.output_dir,
+                                                optimizer=not args.save_only_model)
         if resume_from_checkpoint:
             self._load_weights(resume_from_checkpoint)
         self._metrics: dict[str, float] = {}
