@@ -103,6 +103,29 @@ def test_value_head_vlrm_as_trl_reward_and_ppo_value_model(zoo, tmp_path):
     assert torch.equal(value.score.weight, f.scorer.model.score.weight)
 
 
+def test_grpo_trains_with_a_value_head_vlrm_reward(zoo, tmp_path):
+    """2 GRPO steps on a tiny LLaVA policy with a value-head VLRM (loaded directly) as the reward."""
+    import math
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from vlrm_rlhf.reward.factory import reward_funcs
+
+    trio = zoo("llava")
+    vh = write_value_head(trio["lvlm"], tmp_path / "vh")
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+             "image": demo_image(trio["lvlm"], i)} for i, t in enumerate(["what color ?", "is there a dog ?"])]
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", max_completion_length=4,
+                      num_generations=2, per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                      save_strategy="no", bf16=False, seed=0)
+    (reward,) = reward_funcs(vh)
+    trainer = GRPOTrainer(model=str(trio["lvlm"]), reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    logs = [h["rewards/vlrm_vh/mean"] for h in trainer.state.log_history if "rewards/vlrm_vh/mean" in h]
+    assert trainer.state.global_step == 2 and len(logs) == 2 and all(math.isfinite(v) for v in logs)
+
+
 def test_value_head_vlrm_in_preference_eval(zoo, tmp_path):
     from vlrm_rlhf.eval.prefs import evaluate_prefs
     from vlrm_rlhf.eval.records import PrefRecord

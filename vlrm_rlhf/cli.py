@@ -175,7 +175,7 @@ def sweep(
     recipe: Path = typer.Argument(..., help="Merge recipe (YAML) whose parameters are swept."),
     grid: list[str] = typer.Option(..., "--grid", "-g", help=(
         "KEY=start:stop:step (stop included) or KEY=a,b,c; repeat for a product grid. KEY: lambda (alias weight: "
-        "the weight of every non-base model), ROLE.PARAM (lvlm|rm|llm), PARAM or parameters.PARAM (top level: "
+        "the weight of every non-base model), ROLE.PARAM (lvlm|vlrm|rm|llm), PARAM or parameters.PARAM (top level: "
         "density, epsilon, gamma, t; parameters.lambda is the method's own scaling).")),
     data: Path = typer.Option(..., "--data", help="Validation preference pairs (VL-RewardBench format)."),
     images_dir: Path = typer.Option(None, "--images-dir", help="Folder the records' image paths are relative to."),
