@@ -1,4 +1,4 @@
-"""Command line: ``vlrm-rlhf merge|families|demo|rerank|score|eval|sweep|analyze``."""
+"""Command line: ``vlrm-rlhf merge|convert|families|demo|rerank|score|eval|sweep|analyze``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 import typer
 
 from .analysis.cli import analyze_app
-from .cli_common import IMAGES_ROOT_HELP, check_mode, handled, install_warning_hook, load_scorer, run_rerank
+from .cli_common import (
+    IMAGES_ROOT_HELP,
+    TRUST_REMOTE_CODE_HELP,
+    check_mode,
+    handled,
+    install_warning_hook,
+    load_scorer,
+    run_rerank,
+)
 from .eval.cli import eval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-language RLHF with merged rewards.")
@@ -44,6 +52,21 @@ def merge(
             return
         path = build(recipe, out, force=force, dtype=dtype, seed=seed, allow_pickle=allow_pickle,
                      max_shard_size=max_shard_size, out_dtype=out_dtype)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A value-head VLRM: a causal VLM plus TRL's v_head.summary.* tensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically; never over SRC)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+) -> None:
+    """Write a value-head VLRM as the family's XForSequenceClassification (score head with bias), same rewards."""
+    from .models.value_head import convert_value_head
+
+    install_warning_hook()
+    with handled(OSError):
+        path = convert_value_head(src, out, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -91,6 +114,7 @@ def rerank(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Score every response of a best-of-n file and report Pass@1, Pass@N, Random and RM accuracy.
 
@@ -98,7 +122,8 @@ def rerank(
     """
     import json
 
-    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root)
+    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root,
+                             trust_remote_code)
     k = metrics["n"]
     typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
                f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
@@ -121,6 +146,7 @@ def score(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per scoring call."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file and must lie
     inside its folder (or an --images-root folder). A non-finite reward is an error naming the row."""
@@ -137,7 +163,7 @@ def score(
         names = [f"{input} line {ln}" for ln, _ in lines]
         paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent, images_root or ())
                  for nm, r in zip(names, records, strict=True)]
-    scorer = load_scorer(model, mode, lvlm)
+    scorer = load_scorer(model, mode, lvlm, trust_remote_code)
     with handled(OSError):
         rewards = score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)
@@ -149,7 +175,7 @@ def sweep(
     recipe: Path = typer.Argument(..., help="Merge recipe (YAML) whose parameters are swept."),
     grid: list[str] = typer.Option(..., "--grid", "-g", help=(
         "KEY=start:stop:step (stop included) or KEY=a,b,c; repeat for a product grid. KEY: lambda (alias weight: "
-        "the weight of every non-base model), ROLE.PARAM (lvlm|rm|llm), PARAM or parameters.PARAM (top level: "
+        "the weight of every non-base model), ROLE.PARAM (lvlm|vlrm|rm|llm), PARAM or parameters.PARAM (top level: "
         "density, epsilon, gamma, t; parameters.lambda is the method's own scaling).")),
     data: Path = typer.Option(..., "--data", help="Validation preference pairs (VL-RewardBench format)."),
     images_dir: Path = typer.Option(None, "--images-dir", help="Folder the records' image paths are relative to."),

@@ -59,12 +59,16 @@ def check_mode(mode: str, lvlm: Path | None) -> None:
         fail("--mode cascade needs --lvlm DIR (the LVLM that captions the images)")
 
 
-def load_scorer(model: Path, mode: str, lvlm: Path | None) -> Any:
-    """The scorer for --model/--mode/--lvlm, or exit 2 with the reason."""
+TRUST_REMOTE_CODE_HELP = ("Run the reward model's own Python code (a checkpoint with an auto_map, e.g. a get_score API). "
+                          "Only for checkpoints whose author you trust; never done without this flag.")
+
+
+def load_scorer(model: Path, mode: str, lvlm: Path | None, trust_remote_code: bool = False) -> Any:
+    """The scorer for --model/--mode/--lvlm(/--trust-remote-code), or exit 2 with the reason."""
     from .reward.scorer import VLRewardScorer
 
     try:
-        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm)
+        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm, trust_remote_code=trust_remote_code)
     except (VLRMError, OSError, ValueError) as e:
         fail(f"cannot load reward model {model} (mode {mode}): {first_line(e)}")
 
@@ -75,13 +79,13 @@ IMAGES_ROOT_HELP = ("Also allow images under this folder (repeatable). By defaul
 
 def run_rerank(input: Path, model: Path, mode: str, lvlm: Path | None, images_dir: Path | None, image_key: str,
            out: Path | None, force: bool, batch_size: int, n: int | None,
-           images_root: list[Path] | None = None) -> tuple[dict, float]:
+           images_root: list[Path] | None = None, trust_remote_code: bool = False) -> tuple[dict, float]:
     """``rerank_file`` with the command line's checks and messages (shared by ``rerank`` and ``eval bon``)."""
     from .rerank import rerank_file
 
     install_warning_hook()
     check_mode(mode, lvlm)
     with handled(OSError):
-        return rerank_file(input, lambda: load_scorer(model, mode, lvlm), mode=mode, images_dir=images_dir,
+        return rerank_file(input, lambda: load_scorer(model, mode, lvlm, trust_remote_code), mode=mode, images_dir=images_dir,
                            image_key=image_key, out=out, force=force, batch_size=batch_size, n=n,
                            images_root=images_root or ())

@@ -22,7 +22,7 @@ from ..models.families import Family, get_family
 from ..models.loading import RemoteCodeError, TokenizerLoadError, load_tokenizer, pretrained
 from .schedules import split_layer
 
-Role = Literal["base", "lvlm", "rm", "llm"]
+Role = Literal["base", "lvlm", "vlrm", "rm", "llm"]
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -54,7 +54,12 @@ def _model_class(config, role: Role, family: Family | None):
     """The transformers class whose module tree defines this checkpoint's tensor names."""
     import transformers
 
-    if role == "lvlm":
+    if role == "vlrm" and _is_seq_cls(config):  # a trained VLRM saved as its family's sequence classifier
+        from ..models.modeling import VLRM_CLASSES
+
+        assert family is not None
+        return VLRM_CLASSES[family.model_type]
+    if role in ("lvlm", "vlrm"):  # vlrm: a causal VLM with a TRL value head beside its weights
         assert family is not None
         return getattr(transformers, family.lvlm_class)
     if role == "rm":
@@ -66,12 +71,18 @@ def _model_class(config, role: Role, family: Family | None):
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
+def _is_seq_cls(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+
+
 class Checkpoint:
     """One input model: config, lazy tensors, and the split into language-model and other tensors.
 
     ``text`` maps canonical text keys (``layers.3.mlp.up_proj.weight``, ``embed_tokens.weight``,
     ``norm.weight``, ``lm_head.weight``) to the module key; for an LVLM, ``other`` holds the rest
-    (vision tower, projector, Mllama cross-attention layers).
+    (vision tower, projector, Mllama cross-attention layers). A trained VLRM (role ``vlrm``) also has ``head``:
+    ``{"weight": key, "bias": key}`` (bias optional), the module keys of its reward head (``score.*``, or TRL's
+    ``v_head.summary.*`` in the shards or in ``value_head.safetensors``), readable with ``get``.
     """
 
     def __init__(self, path: str | Path, role: Role, *, allow_pickle: bool = False):
@@ -83,7 +94,7 @@ class Checkpoint:
             raise CheckpointError(f"{role} model directory not found: {self.path}")
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{role} model {self.path} has no config.json")
-        if role == "lvlm":  # before AutoConfig: an unknown family should say which ones are supported
+        if role in ("lvlm", "vlrm"):  # before AutoConfig: an unknown family should say which ones are supported
             raw = json.loads((self.path / "config.json").read_text())
             get_family(raw.get("model_type", "?"), where=str(self.path))
         try:
@@ -98,20 +109,26 @@ class Checkpoint:
         self._pickle: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, object] = {}
         self._open_weights(allow_pickle)
+        self.head: dict[str, str] = {}
+        self._open_value_head()
         self._derive_names()
+        self._find_head()
 
     # ---- role checks -------------------------------------------------------------------------------
     def _check_role(self) -> None:
         archs = list(getattr(self.config, "architectures", None) or [])
         mt = self.config.model_type
         is_vlm = self.config.get_text_config() is not self.config
-        if self.role == "lvlm":
+        if self.role in ("lvlm", "vlrm"):
             if not is_vlm:
                 raise CheckpointError(
-                    f"role lvlm expects a vision-language checkpoint; {self.path} is a text model "
-                    f"({mt}, {archs}). Did you mean role: llm?"
+                    f"role {self.role} expects a vision-language checkpoint; {self.path} is a text model "
+                    f"({mt}, {archs}). Did you mean role: {'llm' if self.role == 'lvlm' else 'rm'}?"
                 )
             self.family = get_family(mt, where=str(self.path))
+            if self.role == "lvlm" and _is_seq_cls(self.config):
+                raise CheckpointError(f"role lvlm expects a generative LVLM; {self.path} is a reward model "
+                                      f"({archs}): give it `role: vlrm` to merge into a trained VLRM")
         elif is_vlm:
             raise CheckpointError(
                 f"role {self.role} expects a text-only checkpoint; {self.path} is a vision-language model "
@@ -124,6 +141,50 @@ class Checkpoint:
             )
         if self.role == "rm" and getattr(self.config, "num_labels", 1) != 1:
             raise CheckpointError(f"reward model {self.path} has num_labels={self.config.num_labels}; expected 1")
+
+    # ---- reward head of a trained VLRM ----------------------------------------------------------------------
+    def _open_value_head(self) -> None:
+        """Role vlrm: a separate ``value_head.safetensors`` joins the tensors (its keys stay TRL's)."""
+        from ..models.value_head import VALUE_HEAD_FILE
+
+        f = self.path / VALUE_HEAD_FILE
+        if self.role != "vlrm" or not f.is_file():
+            return
+        try:
+            h = safe_open(str(f), framework="pt")
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {f}: truncated or corrupt safetensors file ({e})") from e
+        self._handles[f] = h
+        for k in h.keys():
+            self.refs[k] = TensorRef(f, k)
+
+    def _find_head(self) -> None:
+        """Role vlrm: locate the reward head (``score.*`` or ``v_head.summary.*``) and check its width."""
+        from ..models.value_head import HEAD_BIAS, HEAD_WEIGHT
+
+        if self.role != "vlrm":
+            return
+        if _is_seq_cls(self.config):
+            self.head = {k: f"score.{k}" for k in ("weight", "bias") if f"score.{k}" in self.ckpt_key}
+            if getattr(self.config, "num_labels", 1) != 1:
+                raise CheckpointError(f"trained VLRM {self.path} has num_labels={self.config.num_labels}; expected 1")
+        else:
+            for k, key in (("weight", HEAD_WEIGHT), ("bias", HEAD_BIAS)):
+                if key in self.refs:
+                    self.ckpt_key[key] = key
+                    self.head[k] = key
+            if "weight" not in self.head:
+                raise CheckpointError(
+                    f"role vlrm expects a trained VLRM; {self.path} has neither a score head "
+                    f"(architectures={self.config.architectures}) nor a value head ({HEAD_WEIGHT} in the shards or "
+                    "in value_head.safetensors). Use role: lvlm for a generative LVLM.")
+        hidden = self.config.get_text_config().hidden_size
+        w = self.shape(self.head["weight"])
+        if len(w) != 2 or w[0] != 1 or w[1] != hidden:
+            f = self.refs[self.ckpt_key[self.head["weight"]]].file
+            raise CheckpointError(f"{f}: reward head {self.head['weight']} has shape {list(w)}; its width "
+                                  f"{w[-1]} does not match the hidden size {hidden} of {self.path} (expected [1, {hidden}])")
+        self.other = [k for k in self.other if k not in self.head.values()]
 
     # ---- weights ---------------------------------------------------------------------------------------
     def _open_weights(self, allow_pickle: bool) -> None:
@@ -241,7 +302,11 @@ class Checkpoint:
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
         self.ckpt_key: dict[str, str] = {}
+        from ..models.value_head import HEAD_BIAS, HEAD_WEIGHT
+
         for key in self.refs:
+            if self.role == "vlrm" and key in (HEAD_WEIGHT, HEAD_BIAS):
+                continue  # TRL's value head: not part of the VLM's module tree (see _find_head)
             new, conv = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
             if conv is not None:
                 raise CheckpointError(

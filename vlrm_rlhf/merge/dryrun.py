@@ -194,6 +194,10 @@ def _groups(plan: MergePlan) -> list[TensorGroup]:
             src = plan.source(p.source)
             how = f"copied from {src.role}"
             a, b = _dt(src.ckpt.dtype(p.key)), _dt(spec.dtype)
+        elif p.kind == "head":
+            w_v, w_r = plan.recipe.mix_weights()
+            how = f"score head mix ({w_v:g} · vlrm + {w_r:g} · rm)"
+            a = b = _dt(spec.dtype)
         else:
             roles = [s.role if s is not plan.base else "base" for s in plan.sources
                      if s.ckpt.text_key(p.key) is not None or plan.base is not None]

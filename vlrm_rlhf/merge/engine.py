@@ -50,9 +50,9 @@ class Source:
 class Producer:
     """How one output tensor is made: copied from a source, merged, or merged row by row (vocab)."""
 
-    kind: str  # "copy" | "merge" | "vocab"
+    kind: str  # "copy" | "merge" | "vocab" | "head" (head: mix of a trained VLRM's and the RM's score heads)
     source: str | None = None  # copy: source name
-    key: str | None = None  # copy: module key in the source; merge/vocab: canonical text key
+    key: str | None = None  # copy: module key in the source; merge/vocab: canonical text key; head: weight|bias
     rows: RowPlan | None = None
 
 
@@ -78,7 +78,8 @@ class MergePlan:
         self.seed = seed
         self.models, self.base = self._open(allow_pickle)
         both = [*self.models, *([self.base] if self.base else [])]
-        self.lvlm: Source = next(s for s in both if s.role == "lvlm")
+        # the vision owner: the LVLM, or a trained VLRM (role vlrm) that takes its place and brings a reward head
+        self.lvlm: Source = next(s for s in both if s.role in ("lvlm", "vlrm"))
         self.rm: Source | None = next((s for s in both if s.role == "rm"), None)
         self._check_inputs()
         lv = self.lvlm.ckpt
@@ -190,11 +191,17 @@ class MergePlan:
             warnings.warn("some inputs ship no tokenizer: embedding rows are matched by index", stacklevel=2)
         return vocabs, out_vocab
 
+    @property
+    def head_mode(self) -> str | None:
+        """The output's score head: None (the RM's, no trained VLRM), or the recipe's ``keep``/``rm``/``mix``."""
+        return self.recipe.head_mode if self.lvlm.role == "vlrm" else None
+
     def _pad(self) -> tuple[str | None, int | None]:
-        """The RM's pad token as (string, id in the output vocabulary); warns when it has none (output vlrm)."""
+        """The pad token of the model whose head reads the reward (the RM's; a trained VLRM's own when its head is
+        kept or mixed) as (string, id in the output vocabulary); warns when it has none (output vlrm)."""
         if self.recipe.output != "vlrm":
             return None, None
-        rm = self.rm
+        rm = self.rm if self.head_mode in (None, "rm") else self.lvlm
         assert rm is not None
         pad_id = rm.ckpt.config.get_text_config().pad_token_id
         if pad_id is None:
@@ -211,7 +218,8 @@ class MergePlan:
         if pad_str is not None and not self.out_vocab.by_index:
             pad_id = self.out_vocab.ids[pad_str]
         if pad_id is None:
-            warnings.warn(f"reward model {rm.name} has no pad token: the VLRM can only score batches of 1", stacklevel=3)
+            warnings.warn(f"{'reward model' if rm.role == 'rm' else 'trained VLRM'} {rm.name} has no pad token: the VLRM "
+                          "can only score batches of 1", stacklevel=3)
         return pad_str, pad_id
 
     def _vocab_size(self) -> int:
@@ -241,9 +249,10 @@ class MergePlan:
             specs[name] = TensorSpec(tuple(shape), self.copy_dtype if cast else own)
 
         canon_of = {mk: c for c, mk in lv.text.items()}
+        head_keys = set(lv.head.values())
         for mk in lv.ckpt_key:
             c = canon_of.get(mk)
-            if c == "lm_head.weight" and out == "vlrm":
+            if mk in head_keys or (c == "lm_head.weight" and out == "vlrm"):
                 continue
             if c is None:
                 add(mk, Producer("copy", self.lvlm.name, mk), lv.shape(mk))
@@ -253,12 +262,40 @@ class MergePlan:
             else:
                 add(mk, Producer("merge", key=c), lv.shape(mk))
         if out == "vlrm":
+            self._add_head(add)
+        return producers, specs
+
+    def _add_head(self, add) -> None:
+        """The output's score head: the RM's, a trained VLRM's (weight and bias, copied bit-identical), or the mix
+        ``w_vlrm · head_vlrm + w_rm · head_rm`` (weights and biases alike; an RM head without bias counts 0)."""
+        mode, lv = self.head_mode, self.lvlm
+        score = None
+        if mode != "keep":
             assert self.rm is not None
             score = next((k for k in self.rm.ckpt.other if k.endswith("score.weight")), None)
             if score is None:
                 raise MergeError(f"reward model {self.rm.name} has no score.weight tensor")
+        if mode in (None, "rm"):
             add("score.weight", Producer("copy", self.rm.name, score), self.rm.ckpt.shape(score))
-        return producers, specs
+            return
+        if mode == "keep":
+            for k, key in lv.ckpt.head.items():
+                add(f"score.{k}", Producer("copy", lv.name, key), lv.ckpt.shape(key))
+            return
+        w_shape, r_shape = lv.ckpt.shape(lv.ckpt.head["weight"]), self.rm.ckpt.shape(score)
+        if w_shape != r_shape:
+            raise MergeError(f"head: mix needs score heads of one shape: trained VLRM {lv.name} has {list(w_shape)}, "
+                             f"reward model {self.rm.name} has {list(r_shape)}")
+        add("score.weight", Producer("head", key="weight"), w_shape)
+        if "bias" in lv.ckpt.head or any(k.endswith("score.bias") for k in self.rm.ckpt.other):
+            add("score.bias", Producer("head", key="bias"), (1,))
+
+    def head_inputs(self, part: str) -> list[tuple[float, Source, str | None]]:
+        """``head: mix``: (weight, source, module key or None when it has no such tensor) of each head's ``part``."""
+        w_v, w_r = self.recipe.mix_weights()
+        assert self.rm is not None
+        rm_key = next((k for k in self.rm.ckpt.other if k.endswith(f"score.{part}")), None)
+        return [(w_v, self.lvlm, self.lvlm.ckpt.head.get(part)), (w_r, self.rm, rm_key)]
 
     def _row_plan(self, canon: str) -> RowPlan:
         rows = {s.name: s.ckpt.shape(k)[0] for s in self.sources if (k := s.ckpt.text_key(canon)) is not None}
@@ -274,7 +311,7 @@ class MergePlan:
     def _check_tensors(self) -> None:
         """Shapes and dtypes of every merged input tensor, from the headers: a bad input fails before any work."""
         for name, p in self.producers.items():
-            if p.kind == "copy":
+            if p.kind in ("copy", "head"):
                 continue
             have = [(s, k) for s in self.sources if (k := s.ckpt.text_key(p.key)) is not None]
             for s, k in have:

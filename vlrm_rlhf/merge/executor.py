@@ -78,6 +78,8 @@ class MergeExecutor:
             if out.is_floating_point() and not bool(torch.isfinite(out).all()):
                 raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
             return out
+        if p.kind == "head":
+            return self._mix_head(p.key, spec)
         base = plan.base.ckpt.get(plan.base.ckpt.text_key(p.key)) if plan.base else None
         # a model without this tensor (an RM has no lm_head) contributes the base's: a zero task vector; a tied
         # model's lm_head is its embedding matrix (``Checkpoint.text_key``)
@@ -128,6 +130,16 @@ class MergeExecutor:
             src = plan.source(sname)
             out.index_copy_(0, o, src.ckpt.get(src.ckpt.text_key(p.key)).index_select(0, i).to(merged.dtype))
         return out
+
+    def _mix_head(self, part: str, spec: TensorSpec) -> torch.Tensor:
+        """``head: mix``: w_vlrm · (the trained VLRM's head) + w_rm · (the RM's), computed in the compute dtype."""
+        out = torch.zeros(spec.shape, dtype=self.plan.compute_dtype)
+        for w, src, key in self.plan.head_inputs(part):
+            if key is not None:
+                out += w * src.ckpt.get(key).to(self.plan.compute_dtype).reshape(spec.shape)
+        if not bool(torch.isfinite(out).all()):
+            raise MergeError(f"non-finite values in the mixed score head ({part})")
+        return out.to(spec.dtype)
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
     def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:

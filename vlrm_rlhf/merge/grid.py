@@ -18,7 +18,7 @@ from .recipe import Recipe
 
 __all__ = ["GridError", "check_grid", "grid_points", "parse_grid", "point_overrides", "valid_keys"]
 
-ROLES = ("lvlm", "rm", "llm")
+ROLES = ("lvlm", "vlrm", "rm", "llm")
 WEIGHT_KEYS = ("lambda", "weight")  # grid aliases for the weight of every non-base model
 NUMERIC = ("weight", "density", "gamma", "epsilon", "lambda", "t")  # sweepable (numeric) merge parameters
 TOP = "parameters."

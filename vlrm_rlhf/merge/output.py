@@ -59,6 +59,10 @@ def finalize_output(plan, out: Path, ancestry: Mapping[str, float] | None = None
             tok.pad_token = pad_str
         config.architectures = [lv.ckpt.family.seq_cls]
         config.num_labels = 1
+        if "score.bias" in plan.producers:  # a trained VLRM's biased head (kept or mixed)
+            config.score_bias = True
+        elif hasattr(config, "score_bias"):
+            del config.score_bias
         text_cfg.pad_token_id = pad_id
         if text_cfg is not config:
             config.pad_token_id = pad_id
@@ -105,7 +109,9 @@ def model_card(plan, ancestry: Mapping[str, float] | None = None) -> str:
         else "```python\nfrom transformers import AutoModelForImageTextToText\n"
         "model = AutoModelForImageTextToText.from_pretrained(\"path/to/this/dir\")\n```"
     )
-    head = ", and the text reward model's score head" if r.output == "vlrm" else ""
+    heads = {None: "the text reward model's", "rm": "the text reward model's", "keep": "the trained VLRM's",
+             "mix": "a mix of the trained VLRM's and the text reward model's"}
+    head = f", and {heads[plan.head_mode]} score head" if r.output == "vlrm" else ""
     return f"""---
 library_name: vlrm-rlhf
 tags: [merge, vlrm-rlhf, {'reward-model' if r.output == 'vlrm' else 'vision-language'}]

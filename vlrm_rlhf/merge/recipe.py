@@ -1,6 +1,8 @@
 """Merge recipes: mergekit's YAML schema plus ``role`` per model, ``output`` and ``seed``.
 
-A user's mergekit config (``models:`` form) runs unchanged once each model gets a role. Parameter values
+A user's mergekit config (``models:`` form) runs unchanged once each model gets a role. Role ``vlrm`` takes the
+LVLM's place for a trained VLRM (a value-head checkpoint or an ``XForSequenceClassification``): its reward head
+is kept, replaced by the text RM's or mixed with it (``head: keep | rm | mix``, ``head_weights``). Parameter values
 keep mergekit's meaning: scalars, gradients (a list interpolated across layers) and ``filter`` entries.
 Per-layer schedules (``{schedule: linear|step, ...}``) and the top-level ``layer_swap`` are described in
 ``schedules.py``.
@@ -43,7 +45,7 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    role: Literal["lvlm", "rm", "llm", "base"] | None = None
+    role: Literal["lvlm", "vlrm", "rm", "llm", "base"] | None = None
     parameters: dict[str, Setting] | None = None
 
 
@@ -63,6 +65,9 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None  # accepted for mergekit compatibility; the LVLM's tokenizer is used
     chat_template: str | None = None
     name: str | None = None
+    # with role vlrm: the output's score head (keep the VLRM's, take the RM's, or mix them with head_weights)
+    head: Literal["keep", "rm", "mix"] | None = None
+    head_weights: dict[Literal["vlrm", "rm"], float] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -85,12 +90,14 @@ class Recipe(BaseModel):
         for i, m in enumerate(self.models):
             if m.role is None:
                 raise ValueError(
-                    f"models[{i}] ({m.model}) has no role: add `role: lvlm`, `role: rm` or `role: llm`"
+                    f"models[{i}] ({m.model}) has no role: add `role: lvlm`, `role: vlrm`, `role: rm` or `role: llm`"
                 )
-        n_lvlm = roles.count("lvlm")
-        if n_lvlm != 1:
-            raise ValueError(f"exactly one model needs `role: lvlm` (found {n_lvlm})")
-        if self.output == "vlrm" and roles.count("rm") != 1:
+        n_lvlm, n_vlrm = roles.count("lvlm"), roles.count("vlrm")
+        if n_lvlm + n_vlrm != 1:
+            raise ValueError(f"exactly one model needs `role: lvlm` (or `role: vlrm` for a trained VLRM; found "
+                             f"{n_lvlm} lvlm, {n_vlrm} vlrm)")
+        self._check_head(n_vlrm == 1, roles.count("rm"))
+        if self.output == "vlrm" and not n_vlrm and roles.count("rm") != 1:
             raise ValueError(
                 f"output: vlrm needs exactly one model with `role: rm` (found {roles.count('rm')}); "
                 "use output: lvlm to merge without a reward model"
@@ -98,6 +105,34 @@ class Recipe(BaseModel):
         if roles.count("base") > 1:
             raise ValueError("at most one model may have `role: base`; prefer the top-level `base_model` key")
         return self
+
+    def _check_head(self, has_vlrm: bool, n_rm: int) -> None:
+        """``head``/``head_weights`` go with role vlrm (output vlrm); rm and mix need exactly one text RM."""
+        if not has_vlrm:
+            if self.head is not None or self.head_weights is not None:
+                raise ValueError("`head:` and `head_weights:` choose the score head of a merge into a trained VLRM: "
+                                 "they need a model with `role: vlrm`")
+            return
+        if self.output != "vlrm":
+            raise ValueError("a model with `role: vlrm` (a trained VLRM) needs output: vlrm; use role: lvlm for a "
+                             "generative LVLM")
+        head = self.head_mode
+        if head in ("rm", "mix") and n_rm != 1:
+            raise ValueError(f"head: {head} needs exactly one model with `role: rm` (found {n_rm})")
+        if n_rm > 1:
+            raise ValueError(f"at most one model may have `role: rm` (found {n_rm})")
+        if self.head_weights is not None and head != "mix":
+            raise ValueError(f"head_weights: only applies to head: mix (head is {head})")
+
+    @property
+    def head_mode(self) -> str:
+        """The output's score head: ``keep`` (the VLRM's; default with role vlrm), ``rm`` or ``mix``."""
+        return self.head or "keep"
+
+    def mix_weights(self) -> tuple[float, float]:
+        """(w_vlrm, w_rm) of ``head: mix``: default 0.5 and 0.5."""
+        w = self.head_weights or {}
+        return float(w.get("vlrm", 0.5)), float(w.get("rm", 0.5))
 
     # ---- convenience ---------------------------------------------------------------------------------
     def model_of(self, role: str) -> ModelEntry | None:

@@ -3,7 +3,8 @@
 transformers asks "Do you wish to run the custom code? [y/N]" on a terminal when a config's ``auto_map``
 points at Python files in the checkpoint and ``trust_remote_code`` is left unset; a ``y`` (or a pipe that
 answers it) runs that code. ``pretrained`` always passes ``trust_remote_code`` explicitly (``False`` unless the
-caller's own flag says otherwise), so there is never a prompt, and such a checkpoint is one clear error.
+caller's own flag says otherwise), so there is never a prompt, and such a checkpoint is one clear error naming
+the opt-in (``trust_remote_code=True`` / ``--trust-remote-code``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from ..errors import VLRMError
 
-__all__ = ["RemoteCodeError", "TokenizerLoadError", "has_tokenizer_files", "load_tokenizer", "pretrained"]
+__all__ = ["RemoteCodeError", "TokenizerLoadError", "has_tokenizer_files", "load_tokenizer", "pretrained",
+           "remote_code_refusal"]
 
 # files any transformers tokenizer is loaded from; a folder with none of them ships no tokenizer
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -41,10 +43,14 @@ def pretrained(loader: Any, path: str | Path, *, trust_remote_code: bool = False
     except ValueError as e:
         if trust_remote_code or "trust_remote_code" not in str(e):
             raise
-        raise RemoteCodeError(
-            f"{path}: loading it needs the checkpoint's own Python code (an auto_map for a model type transformers "
-            "does not know); vlrm-rlhf never runs a checkpoint's code: use a checkpoint of a built-in model type"
-        ) from None
+        raise RemoteCodeError(remote_code_refusal(path)) from None
+
+
+def remote_code_refusal(path: str | Path) -> str:
+    """The refusal for a checkpoint that needs its own code, naming the opt-in flag."""
+    return (f"{path}: loading it needs the checkpoint's own Python code (an auto_map for a model type transformers "
+            "does not know); vlrm-rlhf runs a checkpoint's code only when asked: pass trust_remote_code=True "
+            "(command line: --trust-remote-code) if you trust its author, or use a checkpoint of a built-in model type")
 
 
 def has_tokenizer_files(path: str | Path) -> bool:

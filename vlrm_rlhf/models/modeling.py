@@ -2,7 +2,8 @@
 
 Each class is transformers' ``GenericForSequenceClassification`` over the family's multimodal base model
 (vision tower + projector + language model) with a scalar ``score`` head read at the last non-pad token,
-exactly like a text RM. Importing this module registers them with ``AutoModelForSequenceClassification``
+exactly like a text RM. A config with ``score_bias: true`` gives the head a bias (value-head VLRMs converted from
+TRL's ``v_head.summary``, see ``value_head.py``); without it the head is transformers' own, bias-free. Importing this module registers them with ``AutoModelForSequenceClassification``
 (``exist_ok=True``: plain ``register`` is silently ignored for built-in configs) and gives them the
 family's checkpoint renaming rules, so hub-layout checkpoints load instead of silently random-initialising.
 """
@@ -10,6 +11,7 @@ family's checkpoint renaming rules, so hub-layout checkpoints load instead of si
 from __future__ import annotations
 
 import transformers
+from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
@@ -23,6 +25,16 @@ from .families import FAMILIES, Family
 VLRM_CLASSES: dict[str, type] = {}
 
 
+class BiasedScoreMixin:
+    """A ``score`` head with a bias when ``config.score_bias`` is true (TRL value heads carry one)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "score_bias", False):
+            self.score = nn.Linear(config.get_text_config().hidden_size, self.num_labels, bias=True)
+            self.post_init()
+
+
 def _conversion_rules(family: Family) -> list:
     """The LVLM's own renaming rules (by class name first, then model_type), minus the ``lm_head`` rule."""
     rules = get_checkpoint_conversion_mapping(family.lvlm_class) or get_checkpoint_conversion_mapping(family.model_type)
@@ -33,13 +45,14 @@ def _make(family: Family) -> type:
     """The family's VLRM class (transformers' own where it ships one), registered with the Auto API."""
     config_cls = getattr(transformers, family.config_class)
     name = family.seq_cls
-    if family.native_seq_cls:
-        cls = getattr(transformers, family.native_seq_cls)
+    doc = f"{family.display} vision-language reward model: multimodal backbone + scalar score head."
+    if family.native_seq_cls:  # transformers' own class, unchanged unless the config asks for a biased head
+        cls = type(name, (BiasedScoreMixin, getattr(transformers, family.native_seq_cls)),
+                   {"__module__": __name__, "__doc__": doc})
     else:
         pre = getattr(transformers, family.pretrained_class)
-        cls = type(name, (GenericForSequenceClassification, pre), {"__module__": __name__, "__doc__": (
-            f"{family.display} vision-language reward model: multimodal backbone + scalar score head."
-        )})
+        cls = type(name, (BiasedScoreMixin, GenericForSequenceClassification, pre),
+                   {"__module__": __name__, "__doc__": doc})
         rules = _conversion_rules(family)
         if rules:
             register_checkpoint_conversion_mapping(name, rules, overwrite=True)
@@ -58,8 +71,9 @@ class LoadingError(VLRMError, RuntimeError):
     """A checkpoint whose weights would not all reach the model (instead of a silent random init)."""
 
 
-def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
-    """Wrap an LVLM checkpoint (hub or transformers layout) in its family's VLRM class with a new score head.
+def vlrm_from_lvlm(path: str, *, num_labels: int = 1, score_bias: bool = False, **kwargs):
+    """Wrap an LVLM checkpoint (hub or transformers layout) in its family's VLRM class with a new score head
+    (with a bias when ``score_bias``).
 
     Guards the trap of classes defined outside transformers: if the family's renaming rules did not apply,
     the language model would load randomly initialised with only a warning. Here the only key allowed to be
@@ -74,9 +88,11 @@ def vlrm_from_lvlm(path: str, *, num_labels: int = 1, **kwargs):
     family = get_family(config.model_type, where=str(path))
     config.num_labels = num_labels
     config.architectures = [family.seq_cls]
+    if score_bias:
+        config.score_bias = True
     cls = VLRM_CLASSES[family.model_type]
     model, info = pretrained(cls, path, config=config, output_loading_info=True, **kwargs)
-    missing = sorted(set(info["missing_keys"]) - {"score.weight"})
+    missing = sorted(set(info["missing_keys"]) - {"score.weight", "score.bias"})
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:
         raise LoadingError(

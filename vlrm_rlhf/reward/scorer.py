@@ -149,9 +149,13 @@ class VLRewardScorer:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, mode: Mode = "vlrm", lvlm: str | Path | None = None,
-        device: str | None = None, dtype: torch.dtype | None = None, **kw: Any,
+        device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False, **kw: Any,
     ) -> VLRewardScorer:
-        """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``)."""
+        """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``).
+
+        A VLRM is a ``*ForSequenceClassification`` (merged, converted, or transformers' own such as Gemma3's) or a
+        causal VLM with a TRL value head (``models/value_head.py``). A checkpoint that needs its own Python code
+        (``auto_map``, e.g. a ``get_score(chat, images)`` API) loads only with ``trust_remote_code=True``."""
         import json
 
         from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification
@@ -160,20 +164,32 @@ class VLRewardScorer:
         from ..models.families import get_family
         from ..models.loading import load_tokenizer, pretrained
         from ..models.processing import load_processor
+        from ..models.value_head import find_value_head, load_value_head_vlrm
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ScorerError(f"no config.json in reward model directory {path}")
         cfg = json.loads((path / "config.json").read_text())
+        if cfg.get("auto_map"):
+            from .remote import RemoteCodeScorer
+
+            return RemoteCodeScorer.from_pretrained(path, mode=mode, device=device, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
         is_vlm = "text_config" in cfg or "vision_config" in cfg
+        opts = {"dtype": dtype} if dtype else {}
+        model = None
         if mode in ("vlrm", "no_image"):
             if not is_vlm:
                 raise ScorerError(f"{path} is a text reward model ({cfg.get('model_type')}); mode {mode} needs a VLRM: "
                                   "merge one with `vlrm-rlhf merge`, or use mode='text_rm'")
             get_family(cfg.get("model_type", "?"), where=str(path))
             if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures", [])):
-                raise ScorerError(f"{path} is not a reward model (architectures={cfg.get('architectures')})")
-        model = pretrained(AutoModelForSequenceClassification, path, **({"dtype": dtype} if dtype else {}))
+                if find_value_head(path) is None:
+                    raise ScorerError(f"{path} is not a reward model (architectures={cfg.get('architectures')}, and "
+                                      "no value head v_head.summary.* in value_head.safetensors or the shards)")
+                model = load_value_head_vlrm(path, **opts)
+        if model is None:
+            model = pretrained(AutoModelForSequenceClassification, path, **opts)
         proc = load_processor(path) if is_vlm else load_tokenizer(path)
         if proc is None:
             raise ScorerError(f"{path} ships no tokenizer: a text reward model needs one")

@@ -46,7 +46,7 @@ from ..merge.schedules import split_layer
 from ..models.families import FAMILIES as FAMILY_TABLE
 
 __all__ = ["FAMILIES", "SPECS", "FamilySpec", "build_trio", "demo_image", "hub_key_map", "lm_key_map",
-           "lvlm_inputs", "write_quick_recipe"]
+           "lvlm_inputs", "write_quick_recipe", "write_value_head"]
 
 FAMILIES: tuple[str, ...] = tuple(FAMILY_TABLE)  # every supported family, in the package's own order
 
@@ -497,6 +497,38 @@ def write_quick_recipe(trio: Mapping[str, str | Path], path: str | Path, method:
         "seed: 0\n"
     )
     return path
+
+
+def write_value_head(lvlm_dir: str | Path, out_dir: str | Path, *, storage: Literal["file", "shards"] = "file",
+                     seed: int = 0, width: int | None = None, bias: float | None = 0.25) -> Path:
+    """A TRL-style value-head VLRM: a copy of the LVLM ``lvlm_dir`` plus ``v_head.summary.weight`` [1, H] (random)
+    and ``v_head.summary.bias`` [1] (``bias``; None: no bias), in ``value_head.safetensors`` (``storage="file"``)
+    or inside the model shards (``"shards"``). ``width`` overrides H (to build a mismatched head)."""
+    import shutil
+
+    from ..models.loading import pretrained
+
+    src, out = Path(lvlm_dir), Path(out_dir)
+    shutil.copytree(src, out)
+    h = width or pretrained(tf.AutoConfig, src).get_text_config().hidden_size
+    g = torch.Generator().manual_seed(_seed(seed, "v_head"))
+    head = {"v_head.summary.weight": torch.randn(1, h, generator=g) * h ** -0.5}
+    if bias is not None:
+        head["v_head.summary.bias"] = torch.tensor([float(bias)])
+    if storage == "file":
+        save_file(head, out / "value_head.safetensors", metadata={"format": "pt"})
+        return out
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        shard = sorted(set(data["weight_map"].values()))[0]
+        data["weight_map"].update({k: shard for k in head})
+        index.write_text(json.dumps(data, indent=2))
+    else:
+        shard = "model.safetensors"
+    sd = load_file(out / shard)
+    save_file({**sd, **head}, out / shard, metadata={"format": "pt"})
+    return out
 
 
 # ------------------------------------------------------------------------------------------- inputs

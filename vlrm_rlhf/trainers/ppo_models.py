@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from ..models.loading import pretrained
 from .ppo_config import VLPPOConfig
@@ -82,7 +82,7 @@ def reference_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 def load_policy(path: str) -> PreTrainedModel:
     """A policy from a checkpoint: ``AutoModelForImageTextToText`` for VLM configs, else ``AutoModelForCausalLM``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     cfg = pretrained(AutoConfig, path)
     auto = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
@@ -108,4 +108,9 @@ def default_value_model(args: VLPPOConfig, funcs: list) -> PreTrainedModel:
         raise ValueError("no value model: pass value_model=, set value_model_path, or use a VLRM reward")
     import vlrm_rlhf.models.modeling  # noqa: F401  (registers the VLRM classes with the Auto API)
 
+    from ..models.value_head import find_value_head, load_value_head_vlrm
+
+    cfg = pretrained(AutoConfig, path)
+    if not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or []) and find_value_head(path):
+        return load_value_head_vlrm(path)  # a value-head VLRM: the value model starts from its head too
     return pretrained(AutoModelForSequenceClassification, path, num_labels=1)
