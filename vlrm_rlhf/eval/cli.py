@@ -62,6 +62,8 @@ def prefs(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Preference pairs per scoring call."),
     ties: str = typer.Option("skip", "--human-ties", help="Records with tied human ranks: skip (counted) | error."),
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
+    fmt: str = typer.Option("auto", "--format", help="auto | vl-rewardbench | multimodal-rewardbench | mm-rlhf | rlaif-v."),
+    judge_config: Path = typer.Option(None, "--judge-config", help="Generative judge YAML (mode genjudge)."),
 ) -> None:
     """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
     import time
@@ -94,7 +96,7 @@ def prefs(
     paths = _outputs(out, force, (".md", ".records.jsonl"))
     try:
         loaded = load_pref_data(data, images_dir=images_dir, images_root=images_root or (),
-                                limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
+                                limit=limit, split=split, ties=ties, fmt=fmt)  # type: ignore[arg-type]
     except VLRMError as e:  # PrefDataError: the file, row or field at fault
         fail(str(e))
     if mode == "judge":
@@ -121,7 +123,7 @@ def prefs(
     typer.echo(table, nl=False)
     if paths:
         out_json, out_md, out_rec = paths
-        summary = {"data": str(data), "mode": mode, "model": str(scorer_dir), "lvlm": str(lvlm) if lvlm else None,
+        summary = {"data": str(data), "format": loaded.format, "mode": mode, "model": str(scorer_dir), "lvlm": str(lvlm) if lvlm else None,
                    "judge_kind": judge_kind if mode == "judge" else None, "label": label, "tol": tol, "limit": limit,
                    "skipped_human_ties": loaded.skipped, "seconds": round(dt, 3), "metrics": result.metrics,
                    "records_file": out_rec.name}
