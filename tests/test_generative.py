@@ -18,6 +18,7 @@ from vlrm_rlhf.reward.inputs import make_sample
 from vlrm_rlhf.reward.judge_reward import JudgeReward
 from vlrm_rlhf.testing.zoo import demo_image
 
+ROOT = Path(__file__).resolve().parents[1]
 PAIR = "question : {question} answer one : {response_a} answer two : {response_b} which is better ?"
 POINT = "question : {question} answer : {response} is it good ?"
 
@@ -76,6 +77,10 @@ def test_yaml_config_and_its_errors(tmp_path):
         JudgeConfig(mode="pairwise", template=PAIR, parser=r"\d")
     with pytest.raises(JudgeConfigError, match="score_tokens: only for a pointwise"):
         JudgeConfig(mode="pairwise", template=PAIR, score_tokens={"one": 1})
+    shipped = {p.name: JudgeConfig.from_yaml(p) for p in sorted(ROOT.glob("recipes/judges/*.yaml"))}
+    assert shipped["pairwise_answer_tag.yaml"].parse("... so <answer> 2 </answer>") == "2"
+    assert shipped["pairwise_brackets.yaml"].parse("A is vague. [[C]]") == "C"
+    assert shipped["pointwise_score.yaml"].score_tokens["10"] == 10.0
 
 
 # ---------------------------------------------------------------------------------------------- pairwise
@@ -256,3 +261,30 @@ def test_cli_eval_prefs_genjudge_reports_unparsed(lvlm, tmp_path):
     bad = CliRunner().invoke(app, ["eval", "prefs", str(data), "--mode", "genjudge", "--model", str(trio["lvlm"])])
     assert bad.exit_code != 0 and "--judge-config" in bad.output
     assert Path(tmp_path / "o.md").is_file()
+
+
+def test_ppo_updates_with_a_pointwise_judge_reward(lvlm, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText
+
+    from vlrm_rlhf.merge import build
+    from vlrm_rlhf.testing.zoo import write_quick_recipe
+    from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
+
+    trio, model, proc, im = lvlm
+    value = build(write_quick_recipe(trio, tmp_path / "recipe.yaml"), tmp_path / "vlrm", progress=False)
+    cfg = JudgeConfig(mode="pointwise", template=POINT, score_tokens={"one": 1, "two": 2, "three": 3})
+    reward = JudgeReward(GenerativeJudge(model, proc, cfg), name="judge")
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+             "image": demo_image(trio["lvlm"], i)} for i, t in enumerate(["what color is the cat ?", "is the dog big ?",
+                                                                         "which car is red ?", "what is this ?"])]
+    args = VLPPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                       num_mini_batches=2, num_ppo_epochs=1, total_episodes=4, response_length=4, stop_token="eos",
+                       learning_rate=1e-3, local_rollout_forward_batch_size=2, use_cpu=True, logging_steps=1,
+                       report_to="none", save_strategy="no", seed=1, disable_tqdm=True,
+                       value_model_path=str(value))
+    trainer = VLPPOTrainer(model=AutoModelForImageTextToText.from_pretrained(trio["lvlm"]), reward_funcs=reward,
+                           args=args, train_dataset=Dataset.from_list(rows), processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "objective/scores" in h]
+    assert len(logs) == 1 and 1 <= logs[0]["objective/scores"] <= 3 and reward.calls == 4
