@@ -110,7 +110,7 @@ def test_every_loader_call_goes_through_the_helper():
     (which always passes ``trust_remote_code``), except the package's own loaders that call it themselves."""
     import ast
 
-    own = {"VLRewardScorer", "LVLMJudge", "loader", "PeftModel"}  # our classmethods; the helper's own call; adapters
+    own = {"VLRewardScorer", "LVLMJudge", "GenerativeJudge", "loader", "PeftModel"}  # ours; the helper's own call; adapters
     calls = []
     for f in [*(REPO / "vlrm_rlhf").rglob("*.py"), *(REPO / "launch").rglob("*.py")]:
         for node in ast.walk(ast.parse(f.read_text())):

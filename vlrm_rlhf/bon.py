@@ -51,6 +51,7 @@ class BestOfN:
     candidates: list[str]
     scores: list[float]
     tied: list[int] = field(default_factory=list)
+    judge_calls: int = 0  # pairwise judge prompts run for this choice (0 for a reward model)
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -78,6 +79,7 @@ def best_of_n(
     *,
     seed: int | None = None,
     tie_break: TieBreak = "first",
+    pairwise: Literal["knockout", "round_robin"] = "knockout",
     **generation_kwargs: Any,
 ) -> list[BestOfN]:
     """Sample ``n`` responses per prompt from ``policy``, score them with ``scorer`` and keep the best.
@@ -97,6 +99,10 @@ def best_of_n(
     by ``tie_break`` ("first": lowest index, deterministic; "random": uniformly, seeded by ``prompt_seed(seed, i)``) and
     reported in ``BestOfN.tied`` and one logged warning with the count of tied prompts. Without ``seed`` sampling
     uses (and advances) the global torch RNG.
+
+    A pairwise generative judge (``reward.generative.GenerativeJudge`` with ``mode: pairwise``) as ``scorer``
+    picks by ``pairwise`` = ``knockout`` (n - 1 matches) or ``round_robin`` (all pairs); ``scores`` are then each
+    candidate's points and ``judge_calls`` the judge prompts run.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -126,6 +132,13 @@ def best_of_n(
                 torch.manual_seed(prompt_seed(seed, i))
             out = policy.generate(**enc, **gen)
         candidates = [t.strip() for t in tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)]
+        config = getattr(scorer, "config", None)
+        if getattr(config, "mode", None) == "pairwise":
+            sel = scorer.select(sample.text_of("user"), candidates, sample.images, strategy=pairwise)
+            tied = [j for j, p in enumerate(sel.points) if p == sel.points[sel.best_index]]
+            results.append(BestOfN(candidates[sel.best_index], sel.best_index, candidates, sel.points,
+                                   tied if pairwise == "round_robin" else [sel.best_index], sel.calls))
+            continue
         scores = score_unique(scorer, sample.messages, candidates, sample.images)
         tied = tied_indices(scores)
         if tie_break == "first" or len(tied) == 1:

@@ -25,7 +25,7 @@ from ..errors import VLRMError
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Evaluate reward models: preference accuracy (prefs) and best-of-n reranking (bon).")
 
-PREF_MODES = ("vlrm", "no_image", "text_rm", "cascade", "judge")
+PREF_MODES = ("vlrm", "no_image", "text_rm", "cascade", "judge", "genjudge")
 
 
 def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[Path]:
@@ -49,7 +49,7 @@ def _outputs(out: Path | None, force: bool, suffixes: tuple[str, ...]) -> list[P
 def prefs(
     data: Path = typer.Argument(..., help="Preference pairs: .jsonl, .json, .parquet or a save_to_disk folder."),
     model: Path = typer.Option(None, "--model", "-m", help="Reward model directory (VLRM or text RM); the LVLM for --mode judge."),
-    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade | judge."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade | judge | genjudge (--judge-config)."),
     lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM (mode cascade) or the judge LVLM (mode judge)."),
     judge_kind: str = typer.Option("loglik_sum", "--judge-kind", help="loglik_sum | loglik_mean | yes_no (mode judge)."),
     judge_template: str = typer.Option(None, "--judge-template", help="yes_no prompt with {question} and {answer}."),
@@ -64,6 +64,8 @@ def prefs(
     ties: str = typer.Option("skip", "--human-ties", help="Records with tied human ranks: skip (counted) | error."),
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    fmt: str = typer.Option("auto", "--format", help="auto | vl-rewardbench | multimodal-rewardbench | mm-rlhf | rlaif-v."),
+    judge_config: Path = typer.Option(None, "--judge-config", help="Generative judge YAML (mode genjudge)."),
 ) -> None:
     """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
     import time
@@ -78,7 +80,13 @@ def prefs(
         fail(f"unknown --mode {mode!r}: use {', '.join(PREF_MODES)}")
     if ties not in ("skip", "error"):
         fail(f"--human-ties must be skip or error, not {ties!r}")
-    if mode == "judge":
+    if mode == "genjudge":
+        if judge_config is None or (model is None) == (lvlm is None):
+            fail("--mode genjudge needs --judge-config YAML and the judge LVLM as --model DIR (or --lvlm DIR)")
+        scorer_dir = model or lvlm
+    elif judge_config is not None:
+        fail("--judge-config is only used with --mode genjudge")
+    elif mode == "judge":
         from .judge import JUDGE_KINDS
 
         if judge_kind not in JUDGE_KINDS:
@@ -96,10 +104,17 @@ def prefs(
     paths = _outputs(out, force, (".md", ".records.jsonl"))
     try:
         loaded = load_pref_data(data, images_dir=images_dir, images_root=images_root or (),
-                                limit=limit, split=split, ties=ties)  # type: ignore[arg-type]
+                                limit=limit, split=split, ties=ties, fmt=fmt)  # type: ignore[arg-type]
     except VLRMError as e:  # PrefDataError: the file, row or field at fault
         fail(str(e))
-    if mode == "judge":
+    if mode == "genjudge":
+        from ..reward.generative import GenerativeJudge
+
+        try:
+            scorer = GenerativeJudge.from_pretrained(scorer_dir, judge_config)
+        except (VLRMError, OSError, ValueError) as e:
+            fail(f"cannot load generative judge {scorer_dir} with {judge_config}: {first_line(e)}")
+    elif mode == "judge":
         from .judge import DEFAULT_TEMPLATE, LVLMJudge
 
         try:
@@ -111,20 +126,29 @@ def prefs(
         scorer = load_scorer(scorer_dir, mode, lvlm, trust_remote_code)
     t0 = time.perf_counter()
     try:
-        result = evaluate_prefs(scorer, loaded.records, tol=tol, batch_size=batch_size)
+        if mode == "genjudge":
+            from .genjudge import evaluate_judge
+
+            result = evaluate_judge(scorer, loaded.records)  # type: ignore[arg-type]
+        else:
+            result = evaluate_prefs(scorer, loaded.records, tol=tol, batch_size=batch_size)
     except (VLRMError, ValueError) as e:
         fail(str(e))
     dt = time.perf_counter() - t0
     label = label or f"{mode}{':' + judge_kind if mode == 'judge' else ''} ({Path(scorer_dir).name})"
     table = markdown_table({label: result.metrics})
     skipped = f", {len(loaded.skipped)} skipped as human ties" if loaded.skipped else ""
+    if "unparsed" in result.metrics:
+        skipped += (f"; judge: {result.metrics['judge_calls']} prompts, {result.metrics['unparsed']} unparsed "
+                    f"outputs, {result.metrics['unparsed_records']} pairs without a verdict")
     head = f"preference accuracy on {data} ({result.metrics['n']} pairs{skipped}; {dt:.1f} s)"
     typer.echo(head)
     typer.echo(table, nl=False)
     if paths:
         out_json, out_md, out_rec = paths
-        summary = {"data": str(data), "mode": mode, "model": str(scorer_dir), "lvlm": str(lvlm) if lvlm else None,
-                   "judge_kind": judge_kind if mode == "judge" else None, "label": label, "tol": tol, "limit": limit,
+        summary = {"data": str(data), "format": loaded.format, "mode": mode, "model": str(scorer_dir), "lvlm": str(lvlm) if lvlm else None,
+                   "judge_kind": judge_kind if mode == "judge" else None,
+                   "judge_config": str(judge_config) if judge_config else None, "label": label, "tol": tol, "limit": limit,
                    "skipped_human_ties": loaded.skipped, "seconds": round(dt, 3), "metrics": result.metrics,
                    "records_file": out_rec.name}
         try:  # the JSON last: its presence means the run is complete

@@ -20,7 +20,7 @@ from typing import Any
 from ..reward.inputs import InputError, Sample, make_sample
 from .records import CATEGORY_ORDER, PrefDataError, PrefRecord
 
-__all__ = ["PrefResult", "credit", "evaluate_prefs", "pick", "pref_metrics", "record_samples"]
+__all__ = ["PrefResult", "acc_plus", "credit", "evaluate_prefs", "pick", "pref_metrics", "record_samples"]
 
 
 def pick(s0: float, s1: float, tol: float = 0.0) -> int | None:
@@ -79,6 +79,19 @@ def pref_metrics(
         "n": n,
         "categories": cats,
     }
+
+
+def acc_plus(credits: Sequence[float], groups: Sequence[str]) -> dict[str, Any]:
+    """MM-RLHF-RewardBench's ACC+: the fraction of groups (records sharing an id) whose pairs are ALL right
+    (a tie, credit 0.5, is not right). Returns ``{"acc_plus", "groups"}``."""
+    if len(credits) != len(groups):
+        raise ValueError(f"{len(credits)} credits for {len(groups)} groups")
+    ok: dict[str, bool] = {}
+    for c, g in zip(credits, groups):
+        ok[g] = ok.get(g, True) and c == 1.0
+    if not ok:
+        raise ValueError("no records to evaluate")
+    return {"acc_plus": sum(ok.values()) / len(ok), "groups": len(ok)}
 
 
 @dataclass
@@ -153,17 +166,28 @@ def evaluate_prefs(
                     raise PrefDataError(f"{rec.where or rec.id}: non-finite score {pair}")
                 scores.append(pair)
             bar.update(len(chunk))
+    return result_of(records, scores, tol)
+
+
+def result_of(records: Sequence[PrefRecord], scores: Sequence[tuple[float, float]], tol: float = 0.0,
+              extra: Sequence[Mapping[str, Any]] | None = None) -> PrefResult:
+    """Metrics and per-record rows of scored records (ACC+ added when records carry groups); ``extra``:
+    more fields per row (e.g. a judge's votes)."""
     metrics = pref_metrics(scores, [r.preferred for r in records], [r.category for r in records], tol=tol)
     rows = []
-    for rec, pair in zip(records, scores):
+    for i, (rec, pair) in enumerate(zip(records, scores)):
         k = pick(*pair, tol)
         rows.append({"id": rec.id, "category": rec.category, "scores": list(pair), "preferred": rec.preferred,
-                     "picked": k, "correct": credit(k, rec.preferred)})
+                     "picked": k, "correct": credit(k, rec.preferred), **({"group": rec.group} if rec.group else {}),
+                     **(dict(extra[i]) if extra is not None else {})})
+    if any(r.group for r in records):
+        metrics.update(acc_plus([r["correct"] for r in rows], [r.group or r.id for r in records]))
     return PrefResult(metrics, rows)
 
 
 def summarize(metrics: Mapping[str, Any]) -> str:
     """One line: overall / macro / per-category accuracy in percent and the tie rate."""
     cats = " ".join(f"{c} {m['accuracy'] * 100:.1f}" for c, m in metrics["categories"].items())
+    plus = f" | ACC+ {metrics['acc_plus'] * 100:.1f} ({metrics['groups']} groups)" if "acc_plus" in metrics else ""
     return (f"overall {metrics['overall'] * 100:.1f} | macro {metrics['macro'] * 100:.1f} | {cats} | "
-            f"ties {metrics['tie_rate'] * 100:.1f} % | n {metrics['n']}")
+            f"ties {metrics['tie_rate'] * 100:.1f} % | n {metrics['n']}{plus}")

@@ -1,5 +1,8 @@
 """Loading preference records in VL-RewardBench's format: ``id, query, image, response[2], human_ranking[2]``.
 
+Other benchmarks (Multimodal RewardBench, MM-RLHF-RewardBench, RLAIF-V pairs) are read unchanged: their
+format is detected from the columns (or given as ``fmt``) and each row mapped to this form (``formats.py``).
+
 Sources: a ``.jsonl`` file, a ``.json`` array, a ``.parquet`` file or a ``datasets.save_to_disk`` directory. ``image`` (or
 ``images``) may be a path (relative to ``--images-dir`` if given, else to the data file's folder), a list of
 paths, a ``datasets`` Image value (PIL, or ``{"bytes", "path"}``), raw bytes, or missing/None (text only).
@@ -30,6 +33,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from ..reward.inputs import InputError, confine_image_path, image_roots, inside_roots, open_image
+from .formats import FORMATS, PrefDataError, detect_format, to_vlrb
 
 __all__ = ["CATEGORY_ORDER", "PrefData", "PrefDataError", "PrefRecord", "category_of_id", "load_pref_data",
            "load_pref_records"]
@@ -38,10 +42,6 @@ CATEGORY_ORDER = ("general", "hallucination", "reasoning")  # VL-RewardBench's t
 RESERVED = ("overall", "macro")  # names of the aggregate columns: not allowed as categories
 _REASONING = ("mmmu", "mathverse")
 _HALLUCINATION = ("hallucination", "rlaif", "rlhf", "povid")
-
-
-class PrefDataError(InputError):
-    """A preference file or record that cannot be evaluated; the message names the file, row and field."""
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PrefRecord:
     category: str
     images: list[Image.Image] = field(default_factory=list)
     where: str = ""  # "file line 3 (id x)": used in error messages
+    group: str = ""  # records sharing a group (MM-RLHF-RewardBench's id) count once in ACC+
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PrefData:
     records: list[PrefRecord]
     skipped: list[str]
     path: Path
+    format: str = "vl-rewardbench"
 
 
 def category_of_id(record_id: str) -> str:
@@ -89,14 +91,18 @@ def load_pref_data(
     limit: int | None = None,
     split: str | None = None,
     ties: Literal["skip", "error"] = "skip",
+    fmt: str = "auto",
 ) -> PrefData:
     """Load, validate and decode a preference file (first ``limit`` rows); errors name file, row and field.
 
-    Image paths must resolve inside the file's folder, ``images_dir`` or an ``images_root`` folder."""
+    Image paths must resolve inside the file's folder, ``images_dir`` or an ``images_root`` folder. ``fmt``:
+    ``auto`` (detected from the first row's columns) or one of ``formats.FORMATS``."""
     import logging
 
     if ties not in ("skip", "error"):
         raise ValueError(f"ties must be 'skip' or 'error', not {ties!r}")
+    if fmt not in FORMATS:
+        raise PrefDataError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
     path = Path(path)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise PrefDataError(f"images folder not found: {images_dir}")
@@ -105,6 +111,11 @@ def load_pref_data(
     roots = image_roots(base, imgs, extra=images_root)
     records, skipped = [], []
     for i, (where, row) in enumerate(_rows(path, limit, split)):
+        if not isinstance(row, dict):
+            raise PrefDataError(f"{where}: expected an object, got {_type(row)}")
+        if fmt == "auto":
+            fmt = detect_format(set(row), str(path))
+        row = to_vlrb(row, fmt, i, where)
         rec = _record(row, i, where, base, imgs, roots)
         if rec is None:
             if ties == "error":
@@ -120,7 +131,7 @@ def load_pref_data(
     if not records:
         raise PrefDataError(f"{path}: no records to evaluate" + (f" ({len(skipped)} skipped as human ties)"
                                                                   if skipped else ""))
-    return PrefData(records, skipped, path)
+    return PrefData(records, skipped, path, fmt)
 
 
 # ---- reading rows -------------------------------------------------------------------------------------
@@ -216,7 +227,8 @@ def _record(row: dict[str, Any], index: int, where: str, base: Path, images_dir:
     category = _category(row, rid if row.get("id") is not None else "", where)
     key = "image" if row.get("image") is not None or "images" not in row else "images"
     images = [_decode(x, f"{where}: field {key!r}", base, images_dir, roots) for x in _image_items(row.get(key))]
-    return PrefRecord(rid, query, (responses[0], responses[1]), preferred, category, images, where)
+    group = str(row["group"]) if row.get("group") is not None else ""
+    return PrefRecord(rid, query, (responses[0], responses[1]), preferred, category, images, where, group)
 
 
 def _preferred(ranking: Any, where: str) -> int | None:

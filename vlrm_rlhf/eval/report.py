@@ -18,17 +18,26 @@ def _pct(x: Any) -> str:
 def markdown_table(results: Mapping[str, Mapping[str, Any]], categories: Sequence[str] | None = None) -> str:
     """Preference accuracies as a markdown table: a row per scorer (label → ``pref_metrics`` dict).
 
-    Columns: overall (micro), macro, each category (VL-RewardBench's order, then others), tie rate, n.
+    Columns: overall (micro), macro, each category (VL-RewardBench's order, then others), tie rate, n; then
+    ACC+ and the group count when any result has them (MM-RLHF-RewardBench), and unparsed judge verdicts
+    when any result counts them (generative judges).
     """
     if categories is None:
         seen = {c for m in results.values() for c in m["categories"]}
         categories = [c for c in CATEGORY_ORDER if c in seen] + sorted(seen - set(CATEGORY_ORDER))
-    head = ["scorer", "overall %", "macro %", *(f"{c} %" for c in categories), "ties %", "n"]
+    plus = any("acc_plus" in m for m in results.values())
+    unparsed = any("unparsed" in m for m in results.values())
+    head = ["scorer", "overall %", "macro %", *(f"{c} %" for c in categories), "ties %", "n",
+            *(["ACC+ %", "groups"] if plus else []), *(["unparsed"] if unparsed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for label, m in results.items():
         cats = [_pct(m["categories"][c]["accuracy"]) if c in m["categories"] else "–" for c in categories]
         cells = [str(label).replace("|", "\\|"), _pct(m["overall"]), _pct(m["macro"]), *cats, _pct(m["tie_rate"]),
                  str(m["n"])]
+        if plus:
+            cells += [_pct(m.get("acc_plus")), str(m.get("groups", "–"))]
+        if unparsed:
+            cells.append(str(m.get("unparsed", "–")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
