@@ -3,7 +3,8 @@
 ``VLRewardScorer.score`` renders each sample with the model's chat template (date-independent), groups
 samples into micro-batches under a token budget, pads with the RM's pad id and reads the reward at the last
 real token. ``score_candidates`` scores N responses to one (images, prompt) and encodes the images and the
-prompt once: the prefix KV cache is reused for every candidate.
+prompt once: the prefix KV cache is reused for every candidate. ``RemoteCodeScorer`` (end of the module) scores a
+reward model that ships its own ``get_score(chat, images)`` code, only with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import VLRMError
+from ..models.loading import RemoteCodeError, pretrained, remote_code_refusal
 from .chat import apply_template
 from .inputs import InputError, Sample, make_sample
 from .prefix import PrefixScorer
@@ -162,7 +164,7 @@ class VLRewardScorer:
 
         from ..models import modeling  # noqa: F401  (registers the VLRM classes)
         from ..models.families import get_family
-        from ..models.loading import load_tokenizer, pretrained
+        from ..models.loading import load_tokenizer
         from ..models.processing import load_processor
         from ..models.value_head import find_value_head, load_value_head_vlrm
 
@@ -171,8 +173,6 @@ class VLRewardScorer:
             raise ScorerError(f"no config.json in reward model directory {path}")
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("auto_map"):
-            from .remote import RemoteCodeScorer
-
             return RemoteCodeScorer.from_pretrained(path, mode=mode, device=device, dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
         is_vlm = "text_config" in cfg or "vision_config" in cfg
@@ -374,3 +374,60 @@ class VLRewardScorer:
                        for b in m["content"]]
             msgs.append({**m, "content": content})
         return Sample(msgs, [])
+
+
+# ---- reward models with their own code (IXC-2.5-Reward style get_score API) ------------------------------
+def chat_of(sample: Sample) -> list[dict[str, str]]:
+    """A sample's conversation as role/content-string messages (the form ``get_score`` APIs take)."""
+    return [{"role": m["role"], "content": "\n".join(b["text"] for b in m["content"] if b.get("type") == "text")}
+            for m in sample.messages]
+
+
+class RemoteCodeScorer(VLRewardScorer):
+    """Scores with a trusted remote-code model's ``get_score(chat, images)``; mode ``vlrm`` only."""
+
+    def __init__(self, model: Any, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        if not callable(getattr(model, "get_score", None)):
+            raise ScorerError(f"{type(model).__name__} has no get_score(chat, images) method: vlrm-rlhf scores "
+                              "remote-code reward models through that API only")
+        self.mode = "vlrm"
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device, **({"dtype": dtype} if dtype else {})).eval()
+        self.processor = self.tokenizer = None
+        self.captioner = self.captioner_processor = None
+        self.caption_max_new_tokens = 0
+        self.pad_id = None
+        self.max_length = None
+        self.max_batch_tokens = 1
+        self._prefix = None
+        self._captions: dict[int, str] = {}
+        self._image_extra: dict[tuple, int] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, mode: str = "vlrm", device: str | None = None,  # type: ignore[override]
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False, **_: Any) -> RemoteCodeScorer:
+        """Load a remote-code reward model (``AutoModel`` through its ``auto_map``) when explicitly trusted."""
+        from transformers import AutoModel
+
+        if not trust_remote_code:
+            raise RemoteCodeError(remote_code_refusal(path))
+        if mode != "vlrm":
+            raise ScorerError(f"{path} is a remote-code reward model with its own get_score API: only mode vlrm applies")
+        model = pretrained(AutoModel, path, trust_remote_code=True, **({"dtype": dtype} if dtype else {}))
+        return cls(model, device=device)
+
+    def plan(self, samples: list[Sample]) -> Plan:
+        """One sample per call (text-only samples first, then those with images, as the base scorer orders them)."""
+        order = sorted(range(len(samples)), key=lambda i: bool(samples[i].images))
+        return Plan(list(samples), [""] * len(samples), [0] * len(samples), [[i] for i in order])
+
+    @torch.no_grad()
+    def forward(self, plan: Plan, batch: list[int]) -> list[float]:
+        """``get_score`` of each sample of the batch."""
+        return [float(self.model.get_score(chat_of(plan.samples[i]), list(plan.samples[i].images))) for i in batch]
+
+    def score_candidates(self, prompt: Any, responses, images: Any = None) -> list[float]:
+        """Rewards of N responses to one prompt (one ``get_score`` call each)."""
+        from .inputs import make_sample
+
+        return self.score_samples([make_sample(prompt, r, images, i) for i, r in enumerate(responses)])
