@@ -115,12 +115,12 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
         else ([], None)
     dataset = prompt_data.load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
                                               require_images=scripts.policy_needs_images(
-                                                  model_args.model_name_or_path, model_args.trust_remote_code))
+                                                  model_args.model_name_or_path, getattr(model_args, "trust_remote_code", False)))
     with scripts.loading(f"the reward model --reward_model_path {script_args.reward_model_path}"):
         scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode)
     scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    trust = model_args.trust_remote_code  # the user's own flag; False by default: never a prompt
+    trust = getattr(model_args, "trust_remote_code", False)  # TRL 1.16's ModelConfig has no such flag: False
     start = len(history)
     with scripts.loading(f"the policy --model_name_or_path {model_args.model_name_or_path}"):
         policy: Any = load_round_policy(out / f"round-{start - 1}" if start else Path(model_args.model_name_or_path),
