@@ -9,7 +9,17 @@ from pathlib import Path
 import typer
 
 from .analysis.cli import analyze_app
-from .cli_common import IMAGES_ROOT_HELP, check_mode, handled, install_warning_hook, load_scorer, run_rerank
+from .cli_common import (
+    IMAGES_ROOT_HELP,
+    attn_option,
+    check_mode,
+    device_option,
+    dtype_option,
+    handled,
+    install_warning_hook,
+    load_scorer,
+    run_rerank,
+)
 from .eval.cli import eval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-language RLHF with merged rewards.")
@@ -91,6 +101,9 @@ def rerank(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per scoring call for rows without images."),
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Score every response of a best-of-n file and report Pass@1, Pass@N, Random and RM accuracy.
 
@@ -98,7 +111,8 @@ def rerank(
     """
     import json
 
-    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root)
+    metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root,
+                             dict(device=device, dtype=dtype, attn_implementation=attn_implementation))
     k = metrics["n"]
     typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
                f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
@@ -121,6 +135,9 @@ def score(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per scoring call."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file and must lie
     inside its folder (or an --images-root folder). A non-finite reward is an error naming the row."""
@@ -137,7 +154,7 @@ def score(
         names = [f"{input} line {ln}" for ln, _ in lines]
         paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent, images_root or ())
                  for nm, r in zip(names, records, strict=True)]
-    scorer = load_scorer(model, mode, lvlm)
+    scorer = load_scorer(model, mode, lvlm, device=device, dtype=dtype, attn_implementation=attn_implementation)
     with handled(OSError):
         rewards = score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)

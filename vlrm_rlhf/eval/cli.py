@@ -12,7 +12,10 @@ import typer
 
 from ..cli_common import (
     IMAGES_ROOT_HELP,
+    attn_option,
     check_mode,
+    device_option,
+    dtype_option,
     fail,
     first_line,
     install_warning_hook,
@@ -62,6 +65,9 @@ def prefs(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Preference pairs per scoring call."),
     ties: str = typer.Option("skip", "--human-ties", help="Records with tied human ranks: skip (counted) | error."),
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
     import time
@@ -106,7 +112,8 @@ def prefs(
         except (VLRMError, OSError, ValueError) as e:
             fail(f"cannot load judge model {scorer_dir}: {first_line(e)}")
     else:
-        scorer = load_scorer(scorer_dir, mode, lvlm)
+        scorer = load_scorer(scorer_dir, mode, lvlm, device=device, dtype=dtype,
+                             attn_implementation=attn_implementation)
     t0 = time.perf_counter()
     try:
         result = evaluate_prefs(scorer, loaded.records, tol=tol, batch_size=batch_size)
@@ -149,6 +156,9 @@ def bon(
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Best-of-n reranking: Pass@1, Pass@N, Random, RM accuracy and tie rate as a markdown table.
 
@@ -162,7 +172,7 @@ def bon(
     install_warning_hook()
     paths = _outputs(out, force, (".md",))
     metrics, dt = run_rerank(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n,
-                             images_root)
+                             images_root, dict(device=device, dtype=dtype, attn_implementation=attn_implementation))
     label = label or f"{mode} ({model.name})"
     table = bon_markdown_table({label: metrics})
     head = f"best-of-{metrics['n']} on {data} ({metrics['count']} rows; {dt:.1f} s)"
