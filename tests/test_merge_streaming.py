@@ -89,3 +89,16 @@ def test_release_keeps_mapped_data_readable(tmp_path):
         pages.release(m.reshape(-1), 0, 20000)
         pages.release(m.reshape(-1))
         assert torch.equal(m, t), "released pages are read again from the file"
+
+
+def test_release_mapped_touches_only_the_current_mapped_inputs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pages, "release", lambda t, *a: calls.append(t.data_ptr()))
+    anon = torch.ones(10)
+    mapped = torch.zeros(10)
+    pages.release_mapped(anon)
+    with pages.mapped_inputs([mapped]):
+        pages.release_mapped(anon)
+        pages.release_mapped(mapped.reshape(-1)[2:], 0, 3)
+    pages.release_mapped(mapped)
+    assert calls == [mapped.data_ptr() + 2 * 4], "only a view of a current mapped input, only inside the block"

@@ -23,7 +23,7 @@ from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
-from .pages import release
+from .pages import mapped_inputs, release
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -182,10 +182,26 @@ class MergeExecutor:
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
             s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
         ins = [t for t, m in zip(([base] if base is not None else []) + tensors, mapped, strict=True) if m]
+        with mapped_inputs(ins if release_inputs else []):
+            yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
+        if tail is not None and tail[1] > 0:
+            k, rest, width = tail
+            cdtype = self._cdtype or plan.compute_dtype or torch.float32
+            extra = torch.zeros((rest, *spec.shape[1:]), dtype=cdtype)
+            for sname, o, i in rp.copies:
+                src = plan.source(sname)
+                extra.index_copy_(0, o - k, src.ckpt.get(src.ckpt.text_key(p.key)).index_select(0, i).to(cdtype))
+            yield extra.to(spec.dtype).reshape(-1)
+        if release_inputs:
+            self._release_inputs(p, numel)
+
+    def _stream(self, name: str, p: Producer, spec: TensorSpec, base, tensors, inputs, ins,
+                release_inputs: bool) -> Iterator[torch.Tensor]:
+        """The merged chunks of ``produce_chunks`` in the output dtype; consumed input pages released behind."""
         done = 0
-        cdtype = None
+        self._cdtype = None
         for _, e, chunk in self.merge_chunks(p.key, base, tensors):
-            cdtype = chunk.dtype
+            self._cdtype = chunk.dtype
             out = chunk.to(spec.dtype)
             if out.is_floating_point() and not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
                 _check_inputs_finite(p.key, inputs)
@@ -195,16 +211,6 @@ class MergeExecutor:
                 for t in ins:
                     release(t.reshape(-1), done, e)
             done = e
-        if tail is not None and tail[1] > 0:
-            k, rest, width = tail
-            cdtype = cdtype or plan.compute_dtype or torch.float32
-            extra = torch.zeros((rest, *spec.shape[1:]), dtype=cdtype)
-            for sname, o, i in rp.copies:
-                src = plan.source(sname)
-                extra.index_copy_(0, o - k, src.ckpt.get(src.ckpt.text_key(p.key)).index_select(0, i).to(cdtype))
-            yield extra.to(spec.dtype).reshape(-1)
-        if release_inputs:
-            self._release_inputs(p, numel)
 
     def _whole(self, name: str, p: Producer, release_inputs: bool) -> Iterator[torch.Tensor]:
         """The non-streaming path of ``produce_chunks``: one chunk."""

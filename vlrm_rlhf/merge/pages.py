@@ -12,14 +12,35 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
-__all__ = ["PAGE", "release"]
+__all__ = ["PAGE", "mapped_inputs", "release", "release_mapped"]
 
 PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if os.name == "posix" else None
+_CURRENT: ContextVar[frozenset[int]] = ContextVar("vlrm_mapped_inputs", default=frozenset())
+
+
+@contextmanager
+def mapped_inputs(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Within this block, ``release_mapped`` may drop pages of ``tensors`` (file-mapped inputs the caller holds
+    alive): lets whole-tensor passes deep in the merge math (top-k thresholds) give pages back as they go."""
+    token = _CURRENT.set(frozenset(t.untyped_storage().data_ptr() for t in tensors))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def release_mapped(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+    """``release`` when ``t`` views one of the current ``mapped_inputs``; nothing for any other tensor."""
+    if _CURRENT.get() and t.untyped_storage().data_ptr() in _CURRENT.get():
+        release(t, start, end)
 
 
 def release(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
