@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--grid", action="append", default=None, help="as `vlrm-rlhf sweep --grid` (repeatable)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for an idle machine per point")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT")
+    ap.add_argument("--device", default=None, help="score on this device (e.g. cuda); merging stays on the CPU")
     a = ap.parse_args()
     tf.utils.logging.disable_progress_bar()
     work = a.work_dir.resolve()
@@ -221,7 +222,7 @@ def main() -> None:
     clock = Clock()
     prewarm(inputs)
     t_setup, merger = clock(lambda: InMemoryMerger(recipe, progress=False))
-    t_first, _ = clock(lambda: evaluate(VLRewardScorer(merger.model, merger.processor)))  # first forward: warm-up
+    t_first, _ = clock(lambda: evaluate(VLRewardScorer(merger.model, merger.processor, device=a.device)))  # first forward: warm-up
     print(f"in-memory setup {t_setup:.2f} s (inputs held in RAM: {merger.cache_bytes / 1e9:.2f} GB), "
           f"first evaluation {t_first:.2f} s (warm-up, not counted)")
 
@@ -240,13 +241,13 @@ def main() -> None:
                 evict(inputs)
                 r["cached_before_cold"] = cached_fraction(inputs)
             r[f"{path}_build"], _ = clock(lambda ov=ov: build(merger.recipe_for(ov), out, force=True, progress=False))
-            r[f"{path}_load"], scorer = clock(lambda: VLRewardScorer.from_pretrained(out))
+            r[f"{path}_load"], scorer = clock(lambda: VLRewardScorer.from_pretrained(out, device=a.device))
             r[f"{path}_eval"], res = clock(lambda scorer=scorer: evaluate(scorer))
             scores[path] = [row["scores"] for row in res.rows]
             r[f"{path}_total"] = r[f"{path}_build"] + r[f"{path}_load"] + r[f"{path}_eval"]
             del scorer, res
         r["mem_apply"], _ = clock(lambda ov=ov: merger.apply(ov))
-        r["mem_eval"], res = clock(lambda: evaluate(VLRewardScorer(merger.model, merger.processor)))
+        r["mem_eval"], res = clock(lambda: evaluate(VLRewardScorer(merger.model, merger.processor, device=a.device)))
         r["mem_total"] = r["mem_apply"] + r["mem_eval"]
         r["overall"] = res.metrics["overall"]
         point_recipe = work / "point_recipe.yaml"

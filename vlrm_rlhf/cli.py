@@ -12,7 +12,10 @@ from .analysis.cli import analyze_app
 from .cli_common import (
     IMAGES_ROOT_HELP,
     TRUST_REMOTE_CODE_HELP,
+    attn_option,
     check_mode,
+    device_option,
+    dtype_option,
     handled,
     install_warning_hook,
     load_scorer,
@@ -115,6 +118,9 @@ def rerank(
     n: int = typer.Option(None, "--n", min=1, help="Evaluate only the first n responses of each row."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Score every response of a best-of-n file and report Pass@1, Pass@N, Random and RM accuracy.
 
@@ -123,7 +129,8 @@ def rerank(
     import json
 
     metrics, dt = run_rerank(input, model, mode, lvlm, images_dir, image_key, out, force, batch_size, n, images_root,
-                             trust_remote_code)
+                             dict(device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                  trust_remote_code=trust_remote_code))
     k = metrics["n"]
     typer.echo(f"best-of-{k} over {metrics['count']} rows, mode {mode}, model {model} "
                f"({metrics['count'] * k} responses scored in {dt:.1f} s)")
@@ -147,6 +154,9 @@ def score(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rows per scoring call."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Reward of each (images, prompt, response) row; image paths are relative to the input file and must lie
     inside its folder (or an --images-root folder). A non-finite reward is an error naming the row."""
@@ -163,7 +173,8 @@ def score(
         names = [f"{input} line {ln}" for ln, _ in lines]
         paths = [[] if mode in bon.TEXT_MODES else row_image_paths(r, nm, input.parent, images_root or ())
                  for nm, r in zip(names, records, strict=True)]
-    scorer = load_scorer(model, mode, lvlm, trust_remote_code)
+    scorer = load_scorer(model, mode, lvlm, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                         trust_remote_code=trust_remote_code)
     with handled(OSError):
         rewards = score_records(scorer, records, paths, batch_size=batch_size, names=names)
         write_jsonl_atomic(({**r, "reward": v} for r, v in zip(records, rewards, strict=True)), out, force=force)

@@ -63,14 +63,36 @@ TRUST_REMOTE_CODE_HELP = ("Run the reward model's own Python code (a checkpoint 
                           "Only for checkpoints whose author you trust; never done without this flag.")
 
 
-def load_scorer(model: Path, mode: str, lvlm: Path | None, trust_remote_code: bool = False) -> Any:
-    """The scorer for --model/--mode/--lvlm(/--trust-remote-code), or exit 2 with the reason."""
+def load_scorer(model: Path, mode: str, lvlm: Path | None, **load: Any) -> Any:
+    """The scorer for --model/--mode/--lvlm (``load``: --device, --dtype, --attn-implementation,
+    --trust-remote-code), or exit 2 with the reason. ``--device auto`` spreads the model over the visible GPUs
+    (``device_map="auto"``)."""
     from .reward.scorer import VLRewardScorer
 
+    load = {k: v for k, v in load.items() if v is not None}
+    if load.get("device") == "auto":
+        load["device_map"] = load.pop("device")
     try:
-        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm, trust_remote_code=trust_remote_code)
+        return VLRewardScorer.from_pretrained(model, mode=mode, lvlm=lvlm, **load)
     except (VLRMError, OSError, ValueError) as e:
         fail(f"cannot load reward model {model} (mode {mode}): {first_line(e)}")
+
+
+def device_option() -> Any:
+    """``--device``: where the reward model loads (cpu, cuda, cuda:1; ``auto`` spreads it over the GPUs)."""
+    return typer.Option(None, "--device", help="Load the reward model on this device (cpu, cuda, cuda:1); "
+                        "auto spreads it over all GPUs (device_map=auto). Default: cpu.")
+
+
+def dtype_option() -> Any:
+    """``--dtype``: the dtype the reward model's weights load in (no fp32 copy first)."""
+    return typer.Option(None, "--dtype", help="Load the reward model's weights in this dtype (bfloat16, float16, "
+                        "float32, auto = as stored).")
+
+
+def attn_option() -> Any:
+    """``--attn-implementation``: passed to transformers when loading the reward model."""
+    return typer.Option(None, "--attn-implementation", help="Attention kernel: sdpa, flash_attention_2, eager.")
 
 
 IMAGES_ROOT_HELP = ("Also allow images under this folder (repeatable). By default image paths must resolve, after "
@@ -79,13 +101,14 @@ IMAGES_ROOT_HELP = ("Also allow images under this folder (repeatable). By defaul
 
 def run_rerank(input: Path, model: Path, mode: str, lvlm: Path | None, images_dir: Path | None, image_key: str,
            out: Path | None, force: bool, batch_size: int, n: int | None,
-           images_root: list[Path] | None = None, trust_remote_code: bool = False) -> tuple[dict, float]:
-    """``rerank_file`` with the command line's checks and messages (shared by ``rerank`` and ``eval bon``)."""
+           images_root: list[Path] | None = None, load: dict[str, Any] | None = None) -> tuple[dict, float]:
+    """``rerank_file`` with the command line's checks and messages (shared by ``rerank`` and ``eval bon``);
+    ``load`` holds ``load_scorer``'s device, dtype, attn_implementation and trust_remote_code."""
     from .rerank import rerank_file
 
     install_warning_hook()
     check_mode(mode, lvlm)
     with handled(OSError):
-        return rerank_file(input, lambda: load_scorer(model, mode, lvlm, trust_remote_code), mode=mode, images_dir=images_dir,
+        return rerank_file(input, lambda: load_scorer(model, mode, lvlm, **(load or {})), mode=mode, images_dir=images_dir,
                            image_key=image_key, out=out, force=force, batch_size=batch_size, n=n,
                            images_root=images_root or ())

@@ -63,6 +63,21 @@ class RewardScriptArguments(ScriptArguments, OutputArguments):
     reward_non_finite: str = field(default="raise", metadata={
         "help": "A NaN/inf reward (VLRM or --reward_funcs): 'raise' an error naming the sample, or 'none': skip "
                 "the sample with a warning naming it."})
+    reward_device: str | None = field(default=None, metadata={
+        "help": "Device of the VLRM (cpu, cuda, cuda:1; 'auto' spreads it over the GPUs). Default: follows the "
+                "trainer's accelerator."})
+    reward_dtype: str | None = field(default=None, metadata={
+        "help": "Dtype the VLRM's weights load in (bfloat16, float16, float32, auto)."})
+    reward_attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel of the VLRM: sdpa, flash_attention_2, eager."})
+
+    def reward_load_kwargs(self) -> dict[str, Any]:
+        """The scorer's loading options from the reward_* arguments (``device="auto"`` -> ``device_map="auto"``)."""
+        kw = {"device": self.reward_device, "dtype": self.reward_dtype,
+              "attn_implementation": self.reward_attn_implementation}
+        if kw["device"] == "auto":
+            kw["device_map"] = kw.pop("device")
+        return {k: v for k, v in kw.items() if v is not None}
 
 
 @contextmanager
@@ -287,7 +302,7 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
                                       policy, getattr(model_args, "trust_remote_code", False)))
     rewards = load_reward_funcs(script_args.reward_model_path, script_args.reward_modes,
                                 script_args.reward_funcs, normalize=script_args.reward_normalize,
-                                non_finite=script_args.reward_non_finite)
+                                non_finite=script_args.reward_non_finite, **script_args.reward_load_kwargs())
     # fail now, not after the first generation: a VLRM that cannot render these conversations, a reward
     # function that returns the wrong number of rewards
     if script_args.reward_model_path:

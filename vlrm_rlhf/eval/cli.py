@@ -13,7 +13,10 @@ import typer
 from ..cli_common import (
     IMAGES_ROOT_HELP,
     TRUST_REMOTE_CODE_HELP,
+    attn_option,
     check_mode,
+    device_option,
+    dtype_option,
     fail,
     first_line,
     install_warning_hook,
@@ -66,6 +69,9 @@ def prefs(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     fmt: str = typer.Option("auto", "--format", help="auto | vl-rewardbench | multimodal-rewardbench | mm-rlhf | rlaif-v."),
     judge_config: Path = typer.Option(None, "--judge-config", help="Generative judge YAML (mode genjudge)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Preference accuracy per category (micro and macro) with ties credited 0.5; prints a markdown table."""
     import time
@@ -123,7 +129,8 @@ def prefs(
         except (VLRMError, OSError, ValueError) as e:
             fail(f"cannot load judge model {scorer_dir}: {first_line(e)}")
     else:
-        scorer = load_scorer(scorer_dir, mode, lvlm, trust_remote_code)
+        scorer = load_scorer(scorer_dir, mode, lvlm, device=device, dtype=dtype,
+                             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     try:
         if mode == "genjudge":
@@ -176,6 +183,9 @@ def bon(
     label: str = typer.Option(None, "--label", help="Row label in the table (default: mode and model name)."),
     images_root: list[Path] = typer.Option(None, "--images-root", help=IMAGES_ROOT_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
 ) -> None:
     """Best-of-n reranking: Pass@1, Pass@N, Random, RM accuracy and tie rate as a markdown table.
 
@@ -189,7 +199,8 @@ def bon(
     install_warning_hook()
     paths = _outputs(out, force, (".md",))
     metrics, dt = run_rerank(data, model, mode, lvlm, images_dir, image_key, scores_out, force, batch_size, n,
-                             images_root, trust_remote_code)
+                             images_root, dict(device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                               trust_remote_code=trust_remote_code))
     label = label or f"{mode} ({model.name})"
     table = bon_markdown_table({label: metrics})
     head = f"best-of-{metrics['n']} on {data} ({metrics['count']} rows; {dt:.1f} s)"

@@ -276,6 +276,11 @@ class Checkpoint:
             raise CheckpointError(f"tensor {ref.key} in {ref.file} has dtype {name}, which merging does not support")
         return _SAFE_DTYPES[name]
 
+    @property
+    def mapped(self) -> bool:
+        """True when ``get`` returns tensors memory-mapped from safetensors files (``pages.release`` may drop them)."""
+        return self._pickle is None
+
     def get(self, module_key: str) -> torch.Tensor:
         """Read one tensor lazily (memory-mapped; pages are read as the merge touches them)."""
         ref = self.refs[self.ckpt_key[module_key]]

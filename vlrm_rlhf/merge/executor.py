@@ -11,6 +11,7 @@ import logging
 import math
 import warnings
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
+from .pages import mapped_inputs, release
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -30,6 +32,7 @@ __all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
 
 log = logging.getLogger(__name__)
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
+STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
 
 
 class MergeExecutor:
@@ -50,22 +53,56 @@ class MergeExecutor:
         g.manual_seed((int(self.plan.seed) * 1_000_003 + zlib.crc32(canon.encode())) % (2**63))
         return g
 
+    def _kept(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """The LVLM's own tensor when ``layer_swap`` keeps ``canon`` (bit-identical), else None."""
+        plan = self.plan
+        if not swap_keeps(plan.recipe.layer_swap, canon):
+            return None
+        if plan.base is plan.lvlm:
+            return base
+        have = [s for s in plan.models if s.ckpt.text_key(canon) is not None or base is not None]
+        return tensors[have.index(plan.lvlm)]
+
+    def _params(self, canon: str, n: int) -> tuple[list, dict]:
+        """Per-model and shared parameters of ``canon`` for the ``n`` models that contribute a tensor."""
+        plan = self.plan
+        per, shared = plan.parameters_for(canon)
+        if n != len(per):  # models lacking the tensor, with no base to stand in for them
+            have = [s for s in plan.models if s.ckpt.text_key(canon) is not None]
+            per = [p for s, p in zip(plan.models, per) if s in have]
+        return per, shared
+
     def merge(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Merge text tensor ``canon`` of the base and the non-base models with the plan's parameters."""
         plan = self.plan
-        if swap_keeps(plan.recipe.layer_swap, canon):  # layer_swap: the LVLM's own tensor, bit-identical
-            if plan.base is plan.lvlm:
-                return base
-            have = [s for s in plan.models if s.ckpt.text_key(canon) is not None or base is not None]
-            return tensors[have.index(plan.lvlm)]
-        per, shared = plan.parameters_for(canon)
-        if len(tensors) != len(per):  # models lacking the tensor, with no base to stand in for them
-            have = [s for s in plan.models if s.ckpt.text_key(canon) is not None]
-            per = [p for s, p in zip(plan.models, per) if s in have]
+        kept = self._kept(canon, base, tensors)
+        if kept is not None:
+            return kept
+        per, shared = self._params(canon, len(tensors))
         try:
             return M.merge_tensor(plan.method, base, tensors, per, shared, self._generator(canon), plan.compute_dtype)
         except ValueError as e:
             raise MergeError(f"tensor {canon}: {e}") from e
+
+    def merge_chunks(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]
+                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``merge`` as a stream of flat ``(start, end, values)`` chunks (``methods.merge_tensor_chunks``)."""
+        plan = self.plan
+        kept = self._kept(canon, base, tensors)
+        if kept is not None:
+            yield 0, kept.numel(), kept.reshape(-1)
+            return
+        per, shared = self._params(canon, len(tensors))
+        it = M.merge_tensor_chunks(plan.method, base, tensors, per, shared, self._generator(canon),
+                                   plan.compute_dtype)
+        while True:
+            try:
+                part = next(it)
+            except StopIteration:
+                return
+            except ValueError as e:
+                raise MergeError(f"tensor {canon}: {e}") from e
+            yield part
 
     def produce(self, name: str) -> torch.Tensor:
         """Compute one output tensor (in the output dtype)."""
@@ -104,16 +141,106 @@ class MergeExecutor:
             raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
         return out
 
+    def produce_chunks(self, name: str, *, release_inputs: bool = False) -> Iterator[torch.Tensor]:
+        """Output tensor ``name`` as consecutive flat chunks in the output dtype: their concatenation equals
+        ``produce(name)`` bit for bit, and an output above ``STREAM_MIN`` elements never exists whole in memory.
+
+        With ``release_inputs``, memory-mapped input pages are given back as soon as they are consumed, so the
+        file-backed RSS stays near one chunk per input instead of growing to the size of the inputs.
+        """
+        plan = self.plan
+        p, spec = plan.producers[name], plan.specs[name]
+        numel = math.prod(spec.shape)
+        if p.kind == "copy" or numel <= STREAM_MIN:
+            out = self.produce(name)
+            yield out.reshape(-1)
+            if release_inputs:
+                self._release_inputs(p, out.numel())
+            return
+        base = plan.base.ckpt.get(plan.base.ckpt.text_key(p.key)) if plan.base else None
+        keys = {s.name: s.ckpt.text_key(p.key) for s in plan.models}
+        srcs = [s for s in plan.models if keys[s.name] is not None or base is not None]
+        tensors = [s.ckpt.get(keys[s.name]) if keys[s.name] is not None else base for s in srcs]
+        inputs = ([(plan.base, base)] if plan.base else []) + list(zip(srcs, tensors))
+        rp = p.rows
+        tail = None
+        if p.kind != "merge":  # a vocabulary tensor streams when its merged rows are a prefix of every input
+            if not (rp is not None and rp.contiguous() and all(int(o.min()) >= len(rp.merge_out) for _, o, _ in
+                                                                 rp.copies if o.numel())):
+                yield from self._whole(name, p, release_inputs)
+                return
+            _check_width(p.key, srcs, tensors, spec)
+            k = len(rp.merge_out)
+            width = math.prod(spec.shape[1:])
+            base = base[:k] if base is not None else None
+            tensors = [t[:k] for t in tensors]
+            tail = (k, spec.shape[0] - k, width)
+        else:
+            _check_shapes(p.key, plan.base, base, srcs, tensors)
+        if plan.method.name not in _PROPAGATES_NAN:
+            _check_inputs_finite(p.key, inputs)
+        if self.track_ancestry:
+            self._track_ancestor(p.key, base, srcs, tensors)
+        mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
+            s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
+        ins = [t for t, m in zip(([base] if base is not None else []) + tensors, mapped, strict=True) if m]
+        with mapped_inputs(ins if release_inputs else []):
+            yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
+        if tail is not None and tail[1] > 0:
+            k, rest, width = tail
+            cdtype = self._cdtype or plan.compute_dtype or torch.float32
+            extra = torch.zeros((rest, *spec.shape[1:]), dtype=cdtype)
+            for sname, o, i in rp.copies:
+                src = plan.source(sname)
+                extra.index_copy_(0, o - k, src.ckpt.get(src.ckpt.text_key(p.key)).index_select(0, i).to(cdtype))
+            yield extra.to(spec.dtype).reshape(-1)
+        if release_inputs:
+            self._release_inputs(p, numel)
+
+    def _stream(self, name: str, p: Producer, spec: TensorSpec, base, tensors, inputs, ins,
+                release_inputs: bool) -> Iterator[torch.Tensor]:
+        """The merged chunks of ``produce_chunks`` in the output dtype; consumed input pages released behind."""
+        done = 0
+        self._cdtype = None
+        for _, e, chunk in self.merge_chunks(p.key, base, tensors):
+            self._cdtype = chunk.dtype
+            out = chunk.to(spec.dtype)
+            if out.is_floating_point() and not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
+                _check_inputs_finite(p.key, inputs)
+                raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+            yield out
+            if release_inputs:
+                for t in ins:
+                    release(t.reshape(-1), done, e)
+            done = e
+
+    def _whole(self, name: str, p: Producer, release_inputs: bool) -> Iterator[torch.Tensor]:
+        """The non-streaming path of ``produce_chunks``: one chunk."""
+        out = self.produce(name)
+        yield out.reshape(-1)
+        if release_inputs:
+            self._release_inputs(p, out.numel())
+
+    def _release_inputs(self, p: Producer, numel: int) -> None:
+        """Give back the mapped pages of every input tensor of ``p`` (safetensors inputs only)."""
+        plan = self.plan
+        if p.kind == "copy":
+            src = plan.source(p.source)
+            if src.ckpt.mapped:
+                release(src.ckpt.get(p.key).reshape(-1))
+            return
+        for s in ([plan.base] if plan.base else []) + list(plan.models):
+            key = s.ckpt.text_key(p.key)
+            if key is not None and s.ckpt.mapped:
+                release(s.ckpt.get(key).reshape(-1))
+
     def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
         """An embedding or lm_head: the rows shared by the inputs merged, donor-only rows copied (``RowPlan``)."""
         plan, rp = self.plan, p.rows
         assert rp is not None
         by = {s.name: t for s, t in zip(srcs, tensors)}
         bname = plan.base.name if plan.base else None
-        width = spec.shape[1:]
-        for s, t in zip(srcs, tensors):
-            if tuple(t.shape[1:]) != tuple(width):
-                raise MergeError(f"tensor {p.key}: {s.role} {s.name} has shape {tuple(t.shape)}, expected (*, {width})")
+        _check_width(p.key, srcs, tensors, spec)
         if rp.contiguous():
             k = len(rp.merge_out)
             merged = self.merge(p.key, base[:k] if base is not None else None, [by[s.name][:k] for s in srcs])
@@ -169,6 +296,14 @@ def _check_inputs_finite(key: str, inputs) -> None:
             raise MergeError(f"non-finite values (NaN/Inf) in input tensor {key} of {s.role} model {s.name}")
 
 
+def _check_width(key: str, srcs, tensors, spec: TensorSpec) -> None:
+    """Every input of a vocabulary tensor has the output's row width."""
+    width = spec.shape[1:]
+    for s, t in zip(srcs, tensors):
+        if tuple(t.shape[1:]) != tuple(width):
+            raise MergeError(f"tensor {key}: {s.role} {s.name} has shape {tuple(t.shape)}, expected (*, {width})")
+
+
 def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
     ref_src, ref = (base_src, base) if base is not None else (srcs[0], tensors[0])
     for s, t in zip(srcs, tensors):
@@ -177,6 +312,16 @@ def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
                 f"shape mismatch for {canon}: {s.role} {s.name} has {tuple(t.shape)}, "
                 f"{ref_src.role} {ref_src.name} has {tuple(ref.shape)}"
             )
+
+
+def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first: bool) -> None:
+    """Write one chunk of ``produce_chunks``: a whole tensor in one ``write``, a streamed one in ``append``s."""
+    if first and part.numel() == math.prod(spec.shape):
+        w.write(name, part.reshape(spec.shape))
+        return
+    if first:
+        w.begin(name)
+    w.append(part)
 
 
 def build(
@@ -219,11 +364,14 @@ def build(
                 w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
                 pending = None
                 for n in names:
-                    t = executor.produce(n)
-                    if pending is not None:
-                        pending.result()
-                    pending = io.submit(w.write, n, t)
-                    del t
+                    spec = plan.specs[n]
+                    first = True
+                    for t in executor.produce_chunks(n, release_inputs=True):
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(_put, w, n, spec, t, first)
+                        first = False
+                        del t
                     done += 1
                     bar.update(plan.specs[n].nbytes)
                     bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")

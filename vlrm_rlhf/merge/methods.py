@@ -8,7 +8,7 @@ one output tensor; the pruning rules of the task-arithmetic family live in :mod:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -40,6 +40,7 @@ class MergeMethod:
     stochastic: bool
     min_inputs: int = 1
     max_inputs: int | None = None
+    chunks: Callable[..., Iterator[tuple[int, int, Tensor]]] | None = None  # streaming form of fn, if any
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -114,6 +115,32 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
     Inputs may mix floating dtypes (fp16, bf16, fp32): each is cast chunk by chunk to the compute dtype, float32
     (float64 when any input is float64 or ``compute_dtype`` is float64), and the result has that dtype.
     """
+    m, filled, filled_shared, ref, dtype = _prepare(method, base, tensors, params, shared, generator, compute_dtype)
+    if ref.numel() == 0:
+        return torch.empty(ref.shape, dtype=dtype)
+    return m.fn(base, list(tensors), filled, filled_shared, generator, dtype).reshape(ref.shape)
+
+
+def merge_tensor_chunks(method: str | MergeMethod, base: Tensor | None, tensors: Sequence[Tensor],
+                        params: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
+                        generator: torch.Generator | None = None, compute_dtype: torch.dtype | None = None
+                        ) -> Iterator[tuple[int, int, Tensor]]:
+    """``merge_tensor`` as a stream: ``(start, end, values)`` of consecutive flat element ranges, bit-identical
+    to the same range of ``merge_tensor``'s result, so a huge output never has to exist whole in memory.
+
+    Whole-tensor statistics (top-k thresholds, SLERP norms) are computed before the first chunk; once a chunk is
+    yielded, no input element before its end is read again (callers may release those input pages)."""
+    m, filled, filled_shared, ref, dtype = _prepare(method, base, tensors, params, shared, generator, compute_dtype)
+    if ref.numel() == 0:
+        return
+    if m.chunks is None:  # no streaming form: one chunk
+        yield 0, ref.numel(), flat(m.fn(base, list(tensors), filled, filled_shared, generator, dtype))
+        return
+    yield from m.chunks(base, list(tensors), filled, filled_shared, generator, dtype)
+
+
+def _prepare(method, base, tensors, params, shared, generator, compute_dtype):
+    """Validate a merge call; return the method, filled parameters, the reference input and the compute dtype."""
     m = get_method(method) if isinstance(method, str) else method
     if len(params) != len(tensors):
         raise ValueError(f"{m.name}: got {len(tensors)} tensors but {len(params)} parameter mappings")
@@ -136,14 +163,20 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
         raise ValueError(f"{m.name} is stochastic: pass a torch.Generator (set a seed) to merge_tensor")
     wide = compute_dtype == torch.float64 or any(t.dtype == torch.float64 for _, t in inputs)
     dtype = torch.float64 if wide else torch.float32
-    if ref.numel() == 0:
-        return torch.empty(ref.shape, dtype=dtype)
-    return m.fn(base, list(tensors), filled, filled_shared, generator, dtype).reshape(ref.shape)
+    return m, filled, filled_shared, ref, dtype
+
+
+def _collect(parts: Iterator[tuple[int, int, Tensor]], n: int, dtype: torch.dtype) -> Tensor:
+    """The whole flat tensor of a chunk stream."""
+    out = torch.empty(n, dtype=dtype)
+    for s, e, c in parts:
+        out[s:e] = c
+    return out
 
 
 # ----------------------------------------------------------------------------------- method kernels
 def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | None = None,
-         consensus: bool = False) -> Tensor:
+         consensus: bool = False) -> Iterator[tuple[int, int, Tensor]]:
     """Generalized task arithmetic: base + lambda * merge(weight_i * sparsify(model_i - base)).
 
     With `consensus` (TIES), signs are elected by the sum of weighted deltas and only agreeing entries
@@ -165,7 +198,6 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | Non
         factors.append(w * scale)
     div = sum(weights)
     div = 1.0 if abs(div) < 1e-8 else div
-    out = torch.empty(b.numel(), dtype=dtype)
     for s, e in chunks(b.numel()):
         bc = b[s:e].to(dtype)
         ds = []
@@ -190,8 +222,7 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | Non
             acc.div_(div)
         if shared["lambda"] != 1:
             acc.mul_(shared["lambda"])
-        torch.add(bc, acc, out=out[s:e])
-    return out
+        yield s, e, torch.add(bc, acc)
 
 
 def _linear(base, tensors, params, shared, gen, dtype) -> Tensor:
@@ -207,7 +238,22 @@ def _linear(base, tensors, params, shared, gen, dtype) -> Tensor:
     return out
 
 
-def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
+def _linear_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """``_linear`` chunk by chunk (same per-element operations in the same order)."""
+    weights = [float(p["weight"]) for p in params]
+    if shared["normalize"] and sum(weights) == 0:
+        raise ValueError("linear: weights sum to 0, cannot normalize; set normalize: false")
+    ts = [flat(t) for t in tensors]
+    for s, e in chunks(ts[0].numel()):
+        out = torch.zeros(e - s, dtype=dtype)
+        for t, w in zip(ts, weights, strict=True):
+            out.add_(t[s:e], alpha=w)
+        if shared["normalize"]:
+            out.div_(sum(weights))
+        yield s, e, out
+
+
+def _slerp_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
     """Spherical interpolation from base (t=0) to the model (t=1), whole tensor as one vector;
     linear interpolation when |cos| > 0.9995 (as mergekit 0.1.5)."""
     a, b, t = flat(base), flat(tensors[0]), float(shared["t"])
@@ -223,10 +269,13 @@ def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
     else:
         theta = math.acos(cos)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    out = torch.empty(n, dtype=dtype)
     for s, e in chunks(n):
-        torch.mul(a[s:e].to(dtype), ca, out=out[s:e]).add_(b[s:e].to(dtype), alpha=cb)
-    return out
+        yield s, e, torch.mul(a[s:e].to(dtype), ca).add_(b[s:e].to(dtype), alpha=cb)
+
+
+def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
+    """Spherical interpolation, the whole tensor at once (``_slerp_chunks`` collected)."""
+    return _collect(_slerp_chunks(base, tensors, params, shared, gen, dtype), base.numel(), dtype)
 
 
 @dataclass(frozen=True)
@@ -244,8 +293,11 @@ class TaskArithmeticVariant:
 def register_task_arithmetic(v: TaskArithmeticVariant) -> MergeMethod:
     """Register one task-arithmetic-family method; stochasticity and extra parameters come from its sparsifier."""
 
-    def fn(base, tensors, params, shared, gen, dtype) -> Tensor:
+    def parts(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
         return _gta(base, tensors, params, shared, gen, dtype, v.sparsifier, v.consensus)
+
+    def fn(base, tensors, params, shared, gen, dtype) -> Tensor:
+        return _collect(parts(base, tensors, params, shared, gen, dtype), base.numel(), dtype)
 
     pruning = v.sparsifier.name if v.sparsifier else "no"
     fn.__doc__ = f"mergekit's {v.name!r}: task arithmetic with {pruning} pruning."
@@ -253,13 +305,13 @@ def register_task_arithmetic(v: TaskArithmeticVariant) -> MergeMethod:
     per_model = {"weight": REQUIRED, "density": 1.0, **(v.sparsifier.params if v.sparsifier else {})}
     stochastic = bool(v.sparsifier and v.sparsifier.stochastic)
     return register(MergeMethod(v.name, fn, requires_base=True, shared_params=shared, input_params=per_model,
-                                stochastic=stochastic))
+                                stochastic=stochastic, chunks=parts))
 
 
 register(MergeMethod("linear", _linear, requires_base=False, shared_params={"normalize": True},
-                     input_params={"weight": REQUIRED}, stochastic=False))
+                     input_params={"weight": REQUIRED}, stochastic=False, chunks=_linear_chunks))
 register(MergeMethod("slerp", _slerp, requires_base=True, shared_params={"t": REQUIRED}, input_params={},
-                     stochastic=False, min_inputs=1, max_inputs=1))
+                     stochastic=False, min_inputs=1, max_inputs=1, chunks=_slerp_chunks))
 for _row in (
     TaskArithmeticVariant("task_arithmetic"),
     TaskArithmeticVariant("ties", MAGNITUDE, consensus=True, normalize=True),

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .pages import release_mapped
+
 __all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunks", "flat",
            "topk_magnitude_mask"]
 
@@ -42,6 +44,13 @@ def chunks(n: int) -> Iterator[tuple[int, int]]:
 def flat(t: Tensor) -> Tensor:
     """``t`` as one dimension: a view for contiguous (e.g. memory-mapped) tensors."""
     return t.reshape(-1)
+
+
+def _release(m: Tensor, b: Tensor | None, s: int = 0, e: int | None = None) -> None:
+    """Give back the pages of the file-mapped inputs a whole-tensor pass has read (``pages.mapped_inputs``)."""
+    release_mapped(m, s, e)
+    if b is not None:
+        release_mapped(b, s, e)
 
 
 def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype) -> Tensor:
@@ -90,6 +99,7 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
     if n > _CHUNK:  # sample with a private generator: deterministic, and the caller's RNG is untouched
         idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
         smp = _delta(m[idx], None if b is None else b[idx], 0, _SAMPLE, dtype).abs_()  # unsorted: kthvalue picks
+        _release(m, b)
     for j, k in enumerate(ks):
         if 0 < k < n and n > _CHUNK:
             q, p = k / n, (n - k) / n * _SAMPLE
@@ -106,6 +116,7 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
         vals, idxs, count = {j: [] for j in jobs}, {j: [] for j in jobs}, dict.fromkeys(jobs, 0)
         for s in _spans(n):
             a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
+            _release(m, b, s, s + _CHUNK)
             total += float(a.sum()) if first else 0.0
             for j, (lo, hi) in jobs.items():
                 gt = a > hi
@@ -213,6 +224,7 @@ def _masked_keep(m: Tensor, b: Tensor | None, mask: Tensor, dtype: torch.dtype, 
     kept = total = 0.0
     for s in _spans(m.numel()) if want_l1 else ():
         a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
+        _release(m, b, s, s + _CHUNK)
         total += float(a.sum())
         kept += float(torch.dot(a, mask[s : s + _CHUNK].to(dtype)))
     return (lambda s, e, d: d.mul_(mask[s:e])), kept, total

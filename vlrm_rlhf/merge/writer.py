@@ -66,24 +66,42 @@ class ShardWriter:
         self.f.write(len(raw).to_bytes(8, "little"))
         self.f.write(raw)
         self.next = 0
+        self._current, self._left = "", 0  # the tensor being appended and its bytes still to come
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.order[self.next]
-        if name != expected:
+        """Write the whole tensor ``name`` (the next one in header order)."""
+        spec = self.specs.get(name)
+        if spec is not None and tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"tensor {name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"planned {spec.shape} {spec.dtype}")
+        self.begin(name)
+        self.append(tensor)
+
+    def begin(self, name: str) -> None:
+        """Start tensor ``name`` (the next one in header order); its bytes then come in ``append`` calls."""
+        expected = self.order[self.next] if self.next < len(self.order) else None
+        if name != expected or self._left:
             raise RuntimeError(f"shard {self.path.name}: expected tensor {expected}, got {name}")
-        spec = self.specs[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(
-                f"tensor {name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}"
-            )
-        t = tensor.detach().contiguous()
-        if t.numel():
-            self.f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._current, self._left = name, self.specs[name].nbytes
         self.next += 1
 
+    def append(self, part: torch.Tensor) -> None:
+        """Append the next elements (any shape, in order) of the tensor begun last."""
+        spec = self.specs[self._current]
+        if part.dtype != spec.dtype:
+            raise RuntimeError(f"tensor {self._current}: produced {part.dtype}, planned {spec.dtype}")
+        n = part.numel() * part.element_size()
+        if n > self._left:
+            raise RuntimeError(f"tensor {self._current}: produced more than the planned shape {spec.shape}")
+        t = part.detach().contiguous()
+        if t.numel():
+            self.f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._left -= n
+
     def close(self) -> None:
-        if self.next != len(self.order):
-            raise RuntimeError(f"shard {self.path.name} closed after {self.next}/{len(self.order)} tensors")
+        if self.next != len(self.order) or self._left:
+            raise RuntimeError(f"shard {self.path.name} closed after {self.next}/{len(self.order)} tensors "
+                               f"({self._left} bytes of {self._current or 'none'} missing)")
         self.f.close()  # no fsync: the rename-into-place protects against killed runs, not power loss
 
 

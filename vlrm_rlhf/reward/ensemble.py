@@ -138,7 +138,7 @@ class EnsembleReward(VLRMReward):
         scorers = [m if isinstance(m, VLRewardScorer) else _load(m, scorer_kwargs) for m in members]
         super().__init__(scorers[0], name=name or f"vlrm_ensemble_{combine}", normalize=normalize, clip=clip,
                          non_finite=non_finite, accelerator=accelerator)
-        self._device_pinned = "device" in scorer_kwargs
+        self._device_pinned = "device" in scorer_kwargs or "device_map" in scorer_kwargs
         self.member_normalize = member_normalize
         labels = list(names) if names is not None else _unique(
             [default_name(_source(m, s), s.mode) for m, s in zip(members, scorers, strict=True)])

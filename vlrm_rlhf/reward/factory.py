@@ -55,7 +55,7 @@ def reward_funcs(path: str | Path | Sequence[str | Path | VLRewardScorer], *, mo
             shared = r.scorer
         out.append(r)
     for r in out:  # siblings were built from a scorer: they keep an explicitly chosen device too
-        r._device_pinned = "device" in kw
+        r._device_pinned = "device" in kw or "device_map" in kw
     return out
 
 

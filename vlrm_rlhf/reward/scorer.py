@@ -90,6 +90,21 @@ def context_limit(tokenizer, text_config) -> int | None:
     return min(known) if known else None
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """A torch dtype from a dtype or its name (``"bfloat16"``, ``"bf16"``, ...); ``"auto"`` (the checkpoint's own
+    dtype) and None pass through; anything else is a ``ScorerError`` listing the names."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in _DTYPE_NAMES:
+        raise ScorerError(f"unknown dtype {dtype!r}: use auto, {', '.join(sorted(_DTYPE_NAMES))}")
+    return _DTYPE_NAMES[name]
+
+
 def _is_vlm(config) -> bool:
     return config.get_text_config() is not config
 
@@ -118,8 +133,15 @@ class VLRewardScorer:
         if mode not in ("vlrm", "no_image", "text_rm", "cascade"):
             raise ScorerError(f"unknown mode {mode!r}: use vlrm, no_image, text_rm or cascade")
         self.mode = mode
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device, **({"dtype": dtype} if dtype else {})).eval()
+        dtype = resolve_dtype(dtype)
+        dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto": keep what the weights were loaded as
+        if len({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+            # spread over devices by a device_map: inputs go where the embeddings are; never move the model
+            self.device = model.get_input_embeddings().weight.device
+            self.model = model.eval()
+        else:
+            self.device = torch.device(device) if device is not None else next(model.parameters()).device
+            self.model = model.to(self.device, **({"dtype": dtype} if dtype else {})).eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         vlm = _is_vlm(model.config)
@@ -151,13 +173,18 @@ class VLRewardScorer:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, mode: Mode = "vlrm", lvlm: str | Path | None = None,
-        device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False, **kw: Any,
+        device: str | None = None, dtype: torch.dtype | str | None = None, device_map: Any = None,
+        attn_implementation: str | None = None, trust_remote_code: bool = False, **kw: Any,
     ) -> VLRewardScorer:
         """Load from a directory: a VLRM (modes vlrm/no_image) or a text RM (text_rm; cascade with ``lvlm``).
 
         A VLRM is a ``*ForSequenceClassification`` (merged, converted, or transformers' own such as Gemma3's) or a
         causal VLM with a TRL value head (``models/value_head.py``). A checkpoint that needs its own Python code
-        (``auto_map``, e.g. a ``get_score(chat, images)`` API) loads only with ``trust_remote_code=True``."""
+        (``auto_map``, e.g. a ``get_score(chat, images)`` API) loads only with ``trust_remote_code=True``.
+        The weights load straight into ``dtype`` (a torch dtype or its name, e.g. ``"bfloat16"``) on ``device``, or
+        spread by ``device_map`` (e.g. ``"auto"`` over several GPUs): never a full fp32 copy in CPU memory first.
+        ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``, ``"eager"``) goes to transformers as is.
+        """
         import json
 
         from transformers import AutoModelForImageTextToText, AutoModelForSequenceClassification
@@ -176,8 +203,7 @@ class VLRewardScorer:
             return RemoteCodeScorer.from_pretrained(path, mode=mode, device=device, dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
         is_vlm = "text_config" in cfg or "vision_config" in cfg
-        opts = {"dtype": dtype} if dtype else {}
-        model = None
+        value_head = False
         if mode in ("vlrm", "no_image"):
             if not is_vlm:
                 raise ScorerError(f"{path} is a text reward model ({cfg.get('model_type')}); mode {mode} needs a VLRM: "
@@ -187,9 +213,14 @@ class VLRewardScorer:
                 if find_value_head(path) is None:
                     raise ScorerError(f"{path} is not a reward model (architectures={cfg.get('architectures')}, and "
                                       "no value head v_head.summary.* in value_head.safetensors or the shards)")
-                model = load_value_head_vlrm(path, **opts)
-        if model is None:
-            model = pretrained(AutoModelForSequenceClassification, path, **opts)
+                value_head = True
+        dtype = resolve_dtype(dtype)
+        if device_map is not None and device is not None:
+            raise ScorerError(f"give device ({device!r}) or device_map ({device_map!r}), not both")
+        load = {k: v for k, v in {"dtype": dtype, "device_map": device_map if device_map is not None else device,
+                                  "attn_implementation": attn_implementation}.items() if v is not None}
+        model = (load_value_head_vlrm(path, **load) if value_head
+                 else pretrained(AutoModelForSequenceClassification, path, **load))
         proc = load_processor(path) if is_vlm else load_tokenizer(path)
         if proc is None:
             raise ScorerError(f"{path} ships no tokenizer: a text reward model needs one")
@@ -197,7 +228,7 @@ class VLRewardScorer:
         if mode == "cascade":
             if lvlm is None:
                 raise ScorerError("mode cascade needs lvlm=<LVLM directory> to caption the images")
-            cap = pretrained(AutoModelForImageTextToText, lvlm).eval()
+            cap = pretrained(AutoModelForImageTextToText, lvlm, **load).eval()
             cap_proc = load_processor(lvlm)
         return cls(model, proc, mode=mode, captioner=cap, captioner_processor=cap_proc, device=device, dtype=dtype, **kw)
 

@@ -146,7 +146,7 @@ class VLRMReward:
         self.mode: str = scorer.mode
         self.normalize, self.clip, self.non_finite = normalize, clip, non_finite
         self.accelerator = accelerator
-        self._device_pinned = "device" in scorer_kwargs
+        self._device_pinned = "device" in scorer_kwargs or "device_map" in scorer_kwargs
         self.__name__ = name or default_name(source, self.mode)
         self.forward_calls = 0
         self.dummy_calls = 0

@@ -33,6 +33,7 @@ from .training_utils import (
     lm_loss,
     mark_trained,
     optimizer_step,
+    pinned_threads,
     save_model_dir,
 )
 
@@ -296,7 +297,8 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     if log["base"] is None:
         log["lvlm"] = log["rm"] = None  # both are built on the base
         t0 = time.perf_counter()
-        log["base"] = train_base(World(seed, n_train=cfg.n_train), cfg, dirs["base"], seed, progress)
+        with pinned_threads(1):  # in this process: one thread, as the children use (see ``pinned_threads``)
+            log["base"] = train_base(World(seed, n_train=cfg.n_train), cfg, dirs["base"], seed, progress)
         log["base"]["seconds"] = round(time.perf_counter() - t0, 1)
         mark_trained(dirs["base"], stamp, log["base"])
     todo = [k for k in ("lvlm", "rm") if log[k] is None]
@@ -311,7 +313,8 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         results = run_children(jobs, "vlrm_rlhf.worlds.train:train_job", env=env)
     else:
-        results = {k: _train_job(k, seed, cfg, dirs["base"], dirs[k], progress) for k in todo}
+        with pinned_threads(1):
+            results = {k: _train_job(k, seed, cfg, dirs["base"], dirs[k], progress) for k in todo}
     for k, r in results.items():
         log[k] = r
         mark_trained(dirs[k], stamp, r)
