@@ -264,8 +264,8 @@ def parse_answer(text: str) -> tuple[str | None, str | None]:
 
 
 def grade(qa: QA, text: str) -> float:
-    """Answer quality: 1 for the right answer in the preferred style, 0.5 in the other style, else 0."""
-    style, content = parse_answer(text)
-    if content != qa.gold:
-        return 0.0
-    return 1.0 if style == "good" else 0.5
+    """Answer quality: 1 for the right answer in the preferred style, 0.5 in the other style, else 0
+    (the gold judgement's ``quality``, see :mod:`vlrm_rlhf.worlds.gold`)."""
+    from .gold import quality
+
+    return quality(qa, text)
