@@ -261,6 +261,9 @@ app.add_typer(eval_app, name="eval")
 from .analysis.cli import analyze_app  # noqa: E402  (light: the analyses import their dependencies when run)
 
 app.add_typer(analyze_app, name="analyze")
+from .study.cli import study_app  # noqa: E402
+
+app.add_typer(study_app, name="study")
 
 
 def main() -> None:

@@ -116,10 +116,10 @@ class GoldCheckCallback(TrainerCallback):
         out: dict[str, float] = {}
         try:
             with torch.random.fork_rng(devices=[]):
-                greedy = self._generate(policy, self.prompts, sample=False)
+                greedy = self.generate(policy, self.prompts, sample=False)
                 torch.manual_seed(self.seed + step)
                 rep = [p for p in self.prompts for _ in range(self.samples)]
-                sampled = self._generate(policy, rep, sample=True)
+                sampled = self.generate(policy, rep, sample=True)
             kl = self._kl(policy, rep, sampled)
         finally:
             policy.train(was_training)
@@ -166,7 +166,7 @@ class GoldCheckCallback(TrainerCallback):
         finally:
             self.tokenizer.padding_side = side
 
-    def _generate(self, policy: torch.nn.Module, prompts: list[GoldPrompt], sample: bool
+    def generate(self, policy: torch.nn.Module, prompts: list[GoldPrompt], sample: bool
                   ) -> list[tuple[str, dict[str, torch.Tensor]]]:
         """(decoded answer, {completion ids, completion mask}) per prompt, in order."""
         device = next(policy.parameters()).device
