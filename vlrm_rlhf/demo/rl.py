@@ -102,13 +102,18 @@ def ppo_stage(world: World, lvlm_dir: Path, vlrm_dir: Path, out: Path, *, update
                 curve.append({"update": state.global_step, "mean_reward": logs["objective/scores"],
                               "kl": logs["objective/kl"]})
 
+    from ..trainers.gold_check import GoldCheckCallback, GoldPrompt
+    from ..worlds.gold import gold_dict
+
+    gold = GoldCheckCallback([GoldPrompt(messages(qa.question, image=True), [im], item=qa) for im, qa in eval_items],
+                             proc, gold_dict, every=max(1, updates // 8), max_new_tokens=10, seed=seed)
     trainer = VLPPOTrainer(model=str(lvlm_dir), reward_funcs=str(vlrm_dir), args=args,
-                           train_dataset=Dataset.from_list(rows), callbacks=[Record()])
+                           train_dataset=Dataset.from_list(rows), callbacks=[Record(), gold])
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     policy = getattr(trainer.model, "policy", trainer.model)
     after = greedy_quality(policy.eval(), proc, eval_items)
-    return {"curve": curve, "seconds": round(seconds, 1), "updates": len(curve),
+    return {"curve": curve, "gold_curve": gold.history, "seconds": round(seconds, 1), "updates": len(curve),
             "quality_before": before[0], "correct_before": before[1],
             "quality_after": after[0], "correct_after": after[1]}

@@ -131,6 +131,11 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
         ppo = ppo_stage(world, dirs["lvlm"], merges[best], work, updates=st.ppo_updates, batch=st.ppo_batch,
                         seed=seed, eval_items=eval_questions(world, st.ppo_eval, seed + 1), progress=progress)
 
+    with clock.stage("reward_study", "reward-source study: PPO and GRPO with each reward, against the gold judgement"):
+        from ..study.demo import study_stage
+
+        study = study_stage(work, dirs, merges, res["val"], best, seed=seed, quick=quick, progress=progress)
+
     reasoning = None
     if with_reasoning:
         from .reasoning import reasoning_stage
@@ -153,7 +158,7 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
                     "no_image_drop_pts": drop, "beats_text_rm": gain_rm >= 10, "beats_lvlm_judge": gain_judge >= 10,
                     "no_image_drop": drop >= 10},
         "sweep": sweep_rows, "sweep_best": sweep_best, "bon": bon,
-        "ppo": {k: v for k, v in ppo.items() if k != "curve"}, "ppo_curve": ppo["curve"],
+        "ppo": {k: v for k, v in ppo.items() if k != "curve"}, "ppo_curve": ppo["curve"], "reward_study": study,
         "unseen_combos": sorted(world.unseen), "n_pairs": {s: len(r) for s, r in splits.items()},
         "training": trained["log"], "models_cached": trained["cached"], "timings": clock.t,
         "train_config": json.loads(cfg.key()),
@@ -164,7 +169,8 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
     plot_accuracy(acc, [n for n in order if n in acc], work / "accuracy.png",
                   f"ShapesWorld preference accuracy, test pairs (seed {seed})")
     if ppo["curve"]:
-        plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})")
+        plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})",
+                          gold=ppo["gold_curve"])
     (work / "sweep.png").write_bytes((work / "sweep" / "sweep.png").read_bytes())
     write_markdown(rep, [n for n in order if n in acc], work / "report.md")
     write_json_atomic(rep, work / "report.json", force=True)  # last: its presence means the run completed

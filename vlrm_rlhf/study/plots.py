@@ -46,3 +46,13 @@ def plot_overoptimization(runs: Sequence[dict[str, Any]], bon: dict[int, dict[st
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def gold_axis(ax: Any, gold: Sequence[dict[str, float]]) -> None:
+    """Gold quality (greedy answers, %) on a right-hand axis of a reward-vs-update plot: the truth beside the proxy."""
+    right = ax.twinx()
+    steps = [g["step"] for g in gold]
+    for key, colour in (("correct", "tab:green"), ("style", "tab:orange"), ("both", "tab:red")):
+        right.plot(steps, [100 * g[f"gold/{key}"] for g in gold], "-o", ms=3, color=colour, label=f"gold {key} (greedy)")
+    right.set(ylabel="gold quality on held-out questions (%)", ylim=(-2, 102))
+    right.legend(fontsize=8, loc="lower right")

@@ -52,6 +52,11 @@ class StudySettings:
     ensemble_combine: str = "mean"
 
     @classmethod
+    def demo(cls) -> StudySettings:
+        """The short version inside ``vlrm-rlhf demo`` (one seed, a smaller budget and fewer held-out prompts)."""
+        return cls(updates=40, every=10, n_val=40, n_test=100, bon_n=(1, 2, 4, 8))
+
+    @classmethod
     def quick(cls) -> StudySettings:
         return cls(updates=2, batch=4, grpo_generations=2, every=1, n_val=4, n_test=6, bon_n=(1, 2), ensemble_k=2)
 
@@ -245,8 +250,11 @@ def best_of_n(world: Any, prep: dict[str, Any], st: StudySettings, seed: int, so
 # ---- the study ----------------------------------------------------------------------------------------------------
 def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0, 1, 2), algos: Sequence[str] = ALGOS,
               sources: Sequence[str] = SOURCES, demo_dir: str | None = None, quick: bool = False,
-              settings: StudySettings | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every (seed, algorithm, source) and write ``results.json``, ``table.md`` and plots."""
+              settings: StudySettings | None = None, progress: bool = True,
+              prepared: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run (or resume) every (seed, algorithm, source) and write ``results.json``, ``table.md`` and plots.
+
+    ``prepared`` maps a seed to what :func:`prepare_seed` returns (the demo passes its own models and merges)."""
     import torch
 
     from ..worlds.shapes import World
@@ -270,8 +278,11 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
     preps: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for seed in seeds:
-        ddir = Path((demo_dir or str(work / "demo_s{seed}")).format(seed=seed))
-        prep = preps[seed] = prepare_seed(ddir, seed, quick=quick, progress=progress)
+        if prepared and seed in prepared:
+            prep = preps[seed] = prepared[seed]
+        else:
+            ddir = Path((demo_dir or str(work / "demo_s{seed}")).format(seed=seed))
+            prep = preps[seed] = prepare_seed(ddir, seed, quick=quick, progress=progress)
         world = World(seed, n_train=cfg.n_train)
         sdir = work / f"seed{seed}"
         sdir.mkdir(parents=True, exist_ok=True)
