@@ -25,7 +25,7 @@ def rl(
                                  help="The demo's work dir per seed, with {seed} (default WORK/demo_s{seed}); "
                                       "the demo runs there first where its report.json is missing."),
     kl_coef: float = typer.Option(None, "--kl-coef", help="KL coefficient (PPO kl_coef, GRPO beta); default 0.1."),
-    updates: int = typer.Option(None, "--updates", help="RL updates per run (default 60)."),
+    updates: int = typer.Option(None, "--updates", help="RL updates per run (default 40)."),
     combine: str = typer.Option(None, "--ensemble-combine", help="mean | min | mean_minus_std."),
     no_normalize: bool = typer.Option(False, "--no-normalize", help="Raw rewards (default: running whitening)."),
     clip: float = typer.Option(None, "--clip", help="Clip (whitened) rewards to [-c, c]."),

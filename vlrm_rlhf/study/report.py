@@ -79,3 +79,27 @@ def table_markdown(summary: dict[str, Any], algos: Sequence[str], sources: Seque
             kls.append(f"{d['kl']['mean']:.2f}" if d else "–")
         lines.append(f"| {s} | " + " | ".join(cells) + " | " + " | ".join(kls) + " |")
     return "\n".join(lines) + "\n"
+
+
+def targets(runs: Sequence[dict[str, Any]], merged: Sequence[str] = ("vlrm", "ensemble"),
+            baselines: Sequence[str] = ("text_rm", "lvlm_judge")) -> dict[str, Any]:
+    """The issue's targets per algorithm, seed by seed (final greedy gold on test prompts, points):
+    ``gap`` = best merged source's "both" minus the better baseline's; ``kept_correct`` = for each source,
+    correctness ends no more than 1 point below the start while the preferred style rises."""
+    out: dict[str, Any] = {}
+    for algo in sorted({r["algo"] for r in runs}):
+        fin = {(r["source"], r["seed"]): r["test"][-1] for r in runs if r["algo"] == algo}
+        start = {(r["source"], r["seed"]): r["test"][0] for r in runs if r["algo"] == algo}
+        seeds = sorted({s for _, s in fin})
+        gaps = {}
+        for seed in seeds:
+            m = [100 * fin[(s, seed)]["gold/both"] for s in merged if (s, seed) in fin]
+            b = [100 * fin[(s, seed)]["gold/both"] for s in baselines if (s, seed) in fin]
+            if m and b:
+                gaps[seed] = max(m) - max(b)
+        kept = {src: all(100 * (fin[k]["gold/correct"] - start[k]["gold/correct"]) >= -1
+                         and fin[k]["gold/style"] > start[k]["gold/style"] for k in fin if k[0] == src)
+                for src in dict.fromkeys(s for s, _ in fin)}
+        out[algo] = {"gap_both_pts": gaps, "beats_baselines_by_10": bool(gaps) and all(g >= 10 for g in gaps.values()),
+                     "kept_correct_style_up": kept}
+    return out

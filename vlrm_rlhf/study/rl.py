@@ -36,17 +36,18 @@ GOLD_KEYS = ("correct", "style", "both")
 class StudySettings:
     """Budget and evaluation sizes; ``quick()`` is the CI variant."""
 
-    updates: int = 60
+    updates: int = 40
     batch: int = 16
     grpo_generations: int = 4
     kl_coef: float = 0.1
-    lr: float = 2e-5
+    lr: float = 4e-5
     response_length: int = 10
     normalize: bool = True
     clip: float | None = None
     every: int = 10
-    n_val: int = 100
-    n_test: int = 150
+    val_every: int = 20
+    n_val: int = 60
+    n_test: int = 120
     bon_n: tuple[int, ...] = (1, 2, 4, 8, 16)
     ensemble_k: int = 3
     ensemble_combine: str = "mean"
@@ -54,17 +55,18 @@ class StudySettings:
     @classmethod
     def demo(cls) -> StudySettings:
         """The short version inside ``vlrm-rlhf demo`` (one seed, a smaller budget and fewer held-out prompts)."""
-        return cls(updates=40, every=10, n_val=40, n_test=100, bon_n=(1, 2, 4, 8))
+        return cls(updates=30, every=10, val_every=30, n_val=40, n_test=100, bon_n=(1, 2, 4, 8))
 
     @classmethod
     def quick(cls) -> StudySettings:
-        return cls(updates=2, batch=4, grpo_generations=2, every=1, n_val=4, n_test=6, bon_n=(1, 2), ensemble_k=2)
+        return cls(updates=2, batch=4, grpo_generations=2, every=1, val_every=1, n_val=4, n_test=6, bon_n=(1, 2),
+                   ensemble_k=2)
 
     def tag(self) -> str:
         """Run-cache key of the settings that change a run."""
         d = asdict(self)
         return json.dumps({k: d[k] for k in ("updates", "batch", "grpo_generations", "kl_coef", "lr", "response_length",
-                                             "normalize", "clip", "every", "n_val", "n_test", "ensemble_k",
+                                             "normalize", "clip", "every", "val_every", "n_val", "n_test", "ensemble_k",
                                              "ensemble_combine")}, sort_keys=True)
 
 
@@ -169,9 +171,10 @@ def run_one(algo: str, source: str, world: Any, prep: dict[str, Any], st: StudyS
     lvlm = prep["models"]["lvlm"]
     reward, twin = make_reward(source, prep, st, calib)
     proc = load_processor(lvlm)
-    kw = dict(every=st.every, samples=1, max_new_tokens=st.response_length, batch_size=64, seed=seed)
-    val_cb = GoldCheckCallback(gold_prompts(world, st.n_val, seed, "val"), proc, _gold_fn, **kw)
-    test_cb = GoldCheckCallback(gold_prompts(world, st.n_test, seed, "test"), proc, _gold_fn, reward=twin, **kw)
+    kw = dict(samples=1, max_new_tokens=st.response_length, batch_size=64, seed=seed)
+    val_cb = GoldCheckCallback(gold_prompts(world, st.n_val, seed, "val"), proc, _gold_fn, every=st.val_every, **kw)
+    test_cb = GoldCheckCallback(gold_prompts(world, st.n_test, seed, "test"), proc, _gold_fn, reward=twin,
+                                every=st.every, **kw)
     ds = Dataset.from_list(train_rows(world, max(64, st.batch * 4), seed))
     t0 = time.perf_counter()
     if algo == "ppo":
@@ -260,7 +263,7 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
     from ..worlds.shapes import World
     from ..worlds.train import TrainConfig
     from .plots import plot_overoptimization
-    from .report import summarize, table_markdown
+    from .report import summarize, table_markdown, targets
 
     torch.set_num_threads(1)
     work = Path(work_dir)
@@ -311,7 +314,7 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
     result = {"settings": asdict(st), "seeds": list(seeds), "algos": list(algos), "sources": list(sources),
               "best_merge": {s: p["best_name"] for s, p in preps.items()},
               "ensemble_members": {s: [d.name for d in p["ranked_merges"][:st.ensemble_k]] for s, p in preps.items()},
-              "summary": summary, "bon": {str(k): v for k, v in bon.items()},
+              "summary": summary, "targets": targets(runs), "bon": {str(k): v for k, v in bon.items()},
               "runs": runs, "seconds": round(time.perf_counter() - t_start, 1)}
     from ..eval.report import write_json_atomic
 
