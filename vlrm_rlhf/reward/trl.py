@@ -308,14 +308,25 @@ class VLRMReward:
         return t.tolist()
 
 
-def reward_funcs(path: str | Path, *, modes: Sequence[Mode] = ("vlrm",), **kw: Any) -> list[VLRMReward]:
+def reward_funcs(path: str | Path | Sequence[str | Path | VLRewardScorer], *, modes: Sequence[Mode] = ("vlrm",),
+                 **kw: Any) -> list[VLRMReward] | Any:
     """Reward functions for ``GRPOTrainer``/``RLOOTrainer(reward_funcs=...)``: one ``VLRMReward`` per mode.
+
+    Ensembles: a LIST of members (``[dir_a, dir_b, ...]``), or a merge recipe with ``grid="lambda=0.5,0.7,1.0"``
+    (members merged in memory), returns ONE ``EnsembleReward`` (``reward/ensemble.py``; options ``combine``,
+    ``beta``, ``member_normalize``, ...) instead of a list.
 
     ``kw`` holds ``VLRMReward`` options (``name`` is a base name; ``normalize``, ``clip``, ``non_finite``,
     ``accelerator``) and scorer options (``device``, ``dtype``, ``max_batch_tokens``, ...). Modes
     ``vlrm``/``no_image`` load the model once and share it (e.g. ``modes=("vlrm", "no_image")`` logs the
     image ablation beside the reward; give it weight 0 with ``reward_weights``).
     """
+    if not isinstance(path, str | Path) or "grid" in kw:
+        if tuple(modes) != ("vlrm",):
+            raise ValueError("modes=... does not apply to an ensemble: give its members as VLRewardScorers instead")
+        from .ensemble import ensemble_reward
+
+        return ensemble_reward(path, **kw)
     if not modes:
         raise ValueError("reward_funcs needs at least one mode")
     if len(set(modes)) != len(modes):
