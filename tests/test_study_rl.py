@@ -1,6 +1,5 @@
 """``vlrm-rlhf study rl --quick``: the reward-source study end to end at CI size (quick demo models, 2 updates,
-one seed) ends with finite numbers in its table; ensemble combine maths on known member scores; a rerun reuses
-the cached runs."""
+one seed) ends with finite numbers in its table; the gold reward reads its question column."""
 
 from __future__ import annotations
 
@@ -8,20 +7,11 @@ import json
 import math
 import re
 
-import pytest
 from typer.testing import CliRunner
 
 from vlrm_rlhf.cli import app
-from vlrm_rlhf.study.rewards import GoldReward, MeanScorer, combine_scores, qa_to_json
+from vlrm_rlhf.study.rewards import GoldReward, qa_to_json
 from vlrm_rlhf.worlds.shapes import QA
-
-
-def test_combine_scores():
-    assert combine_scores([1.0, 3.0], "mean") == 2.0
-    assert combine_scores([1.0, 3.0], "min") == 1.0
-    assert combine_scores([1.0, 3.0], "mean_minus_std", beta=0.5) == 1.5
-    with pytest.raises(ValueError, match="combine"):
-        MeanScorer([object()], combine="max")  # type: ignore[arg-type]
 
 
 def test_gold_reward_reads_the_question():

@@ -1,5 +1,5 @@
 """Reward sources of the RL study as TRL GRPO-protocol callables: any scorer with ``score_samples`` (text RM,
-cascade, VLRM, LVLM likelihood judge), an average of several (an ensemble), and ShapesWorld's gold scorer.
+cascade, VLRM, LVLM likelihood judge), a merged ensemble, and ShapesWorld's gold scorer.
 
 Every source goes through the same wrapper, so they differ only in what they score: empty answers get the
 batch's lowest reward minus one (a likelihood judge would otherwise give an empty answer its best score, 0),
@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..reward.inputs import Sample, make_sample
 from ..reward.trl import _as_messages, _column_images
 from ..worlds.gold import judge
 from ..worlds.shapes import QA
 
-__all__ = ["Combine", "GoldReward", "MeanScorer", "ScorerReward", "qa_from_json", "qa_to_json"]
-
-Combine = Literal["mean", "min", "mean_minus_std"]
+__all__ = ["EnsembleSourceReward", "GoldReward", "ScorerReward", "qa_from_json", "qa_to_json"]
 
 
 def qa_to_json(qa: QA) -> str:
@@ -100,33 +98,31 @@ class ScorerReward(_Reward):
         return self._post(self.raw(prompts, completions, **columns), _texts(completions))
 
 
-class MeanScorer:
-    """Several scorers as one: ``mean``, ``min`` or ``mean - beta * std`` of their scores (a reward ensemble;
-    members are standardised by fixed per-member (offset, scale) given at construction, default (0, 1))."""
+class EnsembleSourceReward(_Reward):
+    """A merged ensemble (:class:`~vlrm_rlhf.reward.ensemble.EnsembleReward`, image features shared by its
+    members) whose members are standardised by fixed per-member (mean, std) — measured once on the starting
+    policy's answers, so the scale does not drift while the policy moves — then combined by its rule."""
 
-    def __init__(self, members: Sequence[Any], combine: Combine = "mean", beta: float = 1.0,
-                 standardize: Sequence[tuple[float, float]] | None = None):
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        if combine not in ("mean", "min", "mean_minus_std"):
-            raise ValueError(f"combine must be 'mean', 'min' or 'mean_minus_std', not {combine!r}")
-        self.members, self.combine, self.beta = list(members), combine, beta
-        self.standardize = list(standardize or [(0.0, 1.0)] * len(self.members))
+    def __init__(self, ensemble: Any, name: str, standardize: Sequence[tuple[float, float]] | None = None, **kw: Any):
+        super().__init__(name, **kw)
+        self.ensemble = ensemble
+        self.standardize = list(standardize or [(0.0, 1.0)] * len(ensemble.members))
 
-    def score_samples(self, samples: list[Sample]) -> list[float]:
-        cols = [[(v - a) / b for v in m.score_samples(samples)]
-                for m, (a, b) in zip(self.members, self.standardize, strict=True)]
-        return [combine_scores([c[i] for c in cols], self.combine, self.beta) for i in range(len(samples))]
+    def member_raw(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[list[float]]:
+        """K x N raw member rewards."""
+        cols = {k: v for k, v in columns.items() if k in ("image", "images")}
+        return list(self.ensemble.member_rewards(prompts, completions, **cols).values())
 
+    def raw(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        from ..reward.combine import combine_rewards
 
-def combine_scores(xs: Sequence[float], combine: Combine, beta: float = 1.0) -> float:
-    """One ensemble score from member scores."""
-    mean = sum(xs) / len(xs)
-    if combine == "mean":
-        return mean
-    if combine == "min":
-        return min(xs)
-    return mean - beta * math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+        per = self.member_raw(prompts, completions, **columns)
+        scaled = [[(v - a) / b for v in r] for r, (a, b) in zip(per, self.standardize, strict=True)]
+        beta = self.ensemble.beta if self.ensemble.combine == "mean_minus_std" else None
+        return combine_rewards(scaled, self.ensemble.combine, beta)
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        return self._post(self.raw(prompts, completions, **columns), _texts(completions))
 
 
 class GoldReward(_Reward):

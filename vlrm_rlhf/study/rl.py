@@ -93,7 +93,7 @@ def make_reward(source: str, prep: dict[str, Any], st: StudySettings, calib: lis
     """(training reward, raw twin for measuring) of one source; the twin shares the models."""
     from ..eval.judge import LVLMJudge
     from ..reward.scorer import VLRewardScorer
-    from .rewards import GoldReward, MeanScorer, ScorerReward
+    from .rewards import EnsembleSourceReward, GoldReward, ScorerReward
 
     m = prep["models"]
     if source == "gold":
@@ -107,22 +107,27 @@ def make_reward(source: str, prep: dict[str, Any], st: StudySettings, calib: lis
     elif source == "vlrm":
         scorer = VLRewardScorer.from_pretrained(prep["best"], mode="vlrm")
     elif source == "ensemble":
-        members = [VLRewardScorer.from_pretrained(d, mode="vlrm") for d in prep["ranked_merges"][:st.ensemble_k]]
-        scorer = MeanScorer(members, combine=st.ensemble_combine,
-                            standardize=_member_stats(members, calib) if calib else None)
+        from ..reward.ensemble import EnsembleReward
+
+        ens = EnsembleReward([str(d) for d in prep["ranked_merges"][:st.ensemble_k]], combine=st.ensemble_combine)
+        stats = _member_stats(EnsembleSourceReward(ens, "m"), calib) if calib else None
+        return (EnsembleSourceReward(ens, source, stats, normalize=st.normalize, clip=st.clip),
+                EnsembleSourceReward(ens, source, stats))
     else:
         raise ValueError(f"unknown reward source {source!r}; choose from {', '.join(SOURCES)}")
     return (ScorerReward(scorer, source, normalize=st.normalize, clip=st.clip), ScorerReward(scorer, source))
 
 
-def _member_stats(members: list[Any], calib: list[tuple[list, list, dict]]) -> list[tuple[float, float]]:
+def _member_stats(ens: Any, calib: list[tuple[list, list, dict]]) -> list[tuple[float, float]]:
     """(mean, std) of each ensemble member's rewards on the starting policy's sampled answers."""
-    from .rewards import ScorerReward
-
+    per: list[list[float]] = []
+    for p, c, cols in calib:
+        rows = ens.member_raw(p, c, **cols)
+        per = [a + b for a, b in zip(per, rows, strict=True)] if per else rows
     out = []
-    for mem in members:
-        vals = [v for p, c, cols in calib for v in ScorerReward(mem, "m").raw(p, c, **cols) if math.isfinite(v)]
-        out.append((statistics.fmean(vals), statistics.pstdev(vals) or 1.0))
+    for vals in per:
+        ok = [v for v in vals if math.isfinite(v)]
+        out.append((statistics.fmean(ok), statistics.pstdev(ok) or 1.0))
     return out
 
 
