@@ -29,6 +29,7 @@ def rl(
     combine: str = typer.Option(None, "--ensemble-combine", help="mean | min | mean_minus_std."),
     no_normalize: bool = typer.Option(False, "--no-normalize", help="Raw rewards (default: running whitening)."),
     clip: float = typer.Option(None, "--clip", help="Clip (whitened) rewards to [-c, c]."),
+    no_bon: bool = typer.Option(False, "--no-bon", help="Skip best-of-n (e.g. for mitigation variants)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny models and budget, one seed (CI)."),
 ) -> None:
     """Train the ShapesWorld LVLM with PPO and GRPO on each reward source; gold quality table and
@@ -50,7 +51,8 @@ def rl(
         raise typer.Exit(2) from None
     try:
         run_study(work_dir, seeds=seed_list[:1] if quick and len(seed_list) > 1 and seeds == "0,1,2" else seed_list,
-                  algos=_csv(algos), sources=_csv(sources), demo_dir=demo_dir, quick=quick, settings=st)
+                  algos=_csv(algos), sources=_csv(sources), demo_dir=demo_dir, quick=quick, settings=st,
+                  with_bon=not no_bon)
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -62,6 +62,12 @@ class StudySettings:
         return cls(updates=2, batch=4, grpo_generations=2, every=1, val_every=1, n_val=4, n_test=6, bon_n=(1, 2),
                    ensemble_k=2)
 
+    def bon_tag(self) -> str:
+        """Cache key of the best-of-n results (independent of the RL settings)."""
+        d = asdict(self)
+        return json.dumps({k: d[k] for k in ("n_test", "bon_n", "response_length", "ensemble_k", "ensemble_combine")},
+                          sort_keys=True)
+
     def tag(self) -> str:
         """Run-cache key of the settings that change a run."""
         d = asdict(self)
@@ -179,7 +185,7 @@ def run_one(algo: str, source: str, world: Any, prep: dict[str, Any], st: StudyS
     kw = dict(samples=1, max_new_tokens=st.response_length, batch_size=64, seed=seed)
     val_cb = GoldCheckCallback(gold_prompts(world, st.n_val, seed, "val"), proc, _gold_fn, every=st.val_every, **kw)
     test_cb = GoldCheckCallback(gold_prompts(world, st.n_test, seed, "test"), proc, _gold_fn, reward=twin,
-                                every=st.every, **kw)
+                                every=st.every, examples=6, **kw)
     ds = Dataset.from_list(train_rows(world, max(64, st.batch * 4), seed))
     t0 = time.perf_counter()
     if algo == "ppo":
@@ -259,7 +265,7 @@ def best_of_n(world: Any, prep: dict[str, Any], st: StudySettings, seed: int, so
 def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0, 1, 2), algos: Sequence[str] = ALGOS,
               sources: Sequence[str] = SOURCES, demo_dir: str | None = None, quick: bool = False,
               settings: StudySettings | None = None, progress: bool = True,
-              prepared: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+              prepared: dict[int, dict[str, Any]] | None = None, with_bon: bool = True) -> dict[str, Any]:
     """Run (or resume) every (seed, algorithm, source) and write ``results.json``, ``table.md`` and plots.
 
     ``prepared`` maps a seed to what :func:`prepare_seed` returns (the demo passes its own models and merges)."""
@@ -296,14 +302,18 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
         sdir.mkdir(parents=True, exist_ok=True)
         bon_path = sdir / "bon.json"
         calib: list = []
-        cached = _load(bon_path, st)
-        if cached is not None and set(sources) <= set(cached):
+        cached = _load(bon_path, st, bon=True)
+        if not with_bon:
+            bon[seed] = {}
+            if "ensemble" in sources:
+                best_of_n(world, prep, replace(st, bon_n=(1,)), seed, [], calib)
+        elif cached is not None and set(sources) <= set(cached):
             bon[seed] = cached
             if "ensemble" in sources:
                 best_of_n(world, prep, replace(st, bon_n=(1,)), seed, [], calib)  # members' calibration samples
         else:
             bon[seed] = best_of_n(world, prep, st, seed, sources, calib)
-            _save(bon_path, st, bon[seed])
+            _save(bon_path, st, bon[seed], bon=True)
         for algo in algos:
             for source in sources:
                 path = sdir / f"{algo}_{source}.json"
@@ -333,14 +343,14 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
     return result
 
 
-def _load(path: Path, st: StudySettings) -> Any:
+def _load(path: Path, st: StudySettings, bon: bool = False) -> Any:
     if not path.is_file():
         return None
     d = json.loads(path.read_text())
-    return d["result"] if d.get("settings") == st.tag() else None
+    return d["result"] if d.get("settings") == (st.bon_tag() if bon else st.tag()) else None
 
 
-def _save(path: Path, st: StudySettings, result: Any) -> None:
+def _save(path: Path, st: StudySettings, result: Any, bon: bool = False) -> None:
     from ..eval.report import write_json_atomic
 
-    write_json_atomic({"settings": st.tag(), "result": result}, path, force=True)
+    write_json_atomic({"settings": st.bon_tag() if bon else st.tag(), "result": result}, path, force=True)

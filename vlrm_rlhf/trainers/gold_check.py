@@ -61,12 +61,13 @@ class GoldCheckCallback(TrainerCallback):
         max_new_tokens, temperature, batch_size: generation settings (temperature also scales the KL's logits).
         ref_model: the reference policy (default: a frozen copy of the policy when training begins).
         seed: sampling seed (the step is added, so checks are reproducible and independent of training).
+        examples: keep this many greedy answers per check under ``examples`` (default none).
     """
 
     def __init__(self, prompts: Sequence[GoldPrompt], processing_class: Any, gold: GoldFn, *,
                  reward: Callable[..., list] | None = None, every: int = 10, samples: int = 1,
                  max_new_tokens: int = 16, temperature: float = 1.0, batch_size: int = 32,
-                 ref_model: torch.nn.Module | None = None, seed: int = 0):
+                 ref_model: torch.nn.Module | None = None, seed: int = 0, examples: int = 0):
         if not prompts:
             raise ValueError("GoldCheckCallback needs at least one held-out prompt")
         if every < 1 or samples < 1 or batch_size < 1:
@@ -80,6 +81,7 @@ class GoldCheckCallback(TrainerCallback):
         self.every, self.samples, self.batch_size = every, samples, batch_size
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.ref_model = ref_model
+        self.examples = examples
         self.history: list[dict[str, float]] = []
         self._last_step = -1
 
@@ -126,6 +128,8 @@ class GoldCheckCallback(TrainerCallback):
         out.update(self._gold_means([t for t, _ in greedy], self.prompts, "gold"))
         out.update(self._gold_means([t for t, _ in sampled], rep, "gold_sampled"))
         out["gold/kl"] = float(kl.mean())
+        if self.examples:  # a few greedy answers, to see what a hacked policy says
+            out["examples"] = [t for t, _ in greedy[:self.examples]]  # type: ignore[assignment]
         if self.reward is not None:
             out["gold/proxy_reward"] = self._reward(rep, [t for t, _ in sampled])
             out["gold/proxy_reward_greedy"] = self._reward(self.prompts, [t for t, _ in greedy])
