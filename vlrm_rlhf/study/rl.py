@@ -55,7 +55,7 @@ class StudySettings:
     @classmethod
     def demo(cls) -> StudySettings:
         """The short version inside ``vlrm-rlhf demo`` (one seed, a smaller budget and fewer held-out prompts)."""
-        return cls(updates=30, every=10, val_every=30, n_val=40, n_test=100, bon_n=(1, 2, 4, 8))
+        return cls(updates=20, every=5, val_every=20, n_val=30, n_test=60, bon_n=(1, 2, 4, 8))
 
     @classmethod
     def quick(cls) -> StudySettings:
