@@ -80,18 +80,40 @@ class StudySettings:
 def prepare_seed(demo_dir: Path, seed: int, *, quick: bool, progress: bool) -> dict[str, Any]:
     """The demo's models for a seed (running the demo where it has not completed) and its val-chosen merges."""
     rep_path = demo_dir / "report.json"
-    if not rep_path.is_file():
+    if rep_path.is_file():
+        val = {m: a["overall"] for m, a in json.loads(rep_path.read_text())["accuracy_val"].items()}
+    elif (demo_dir / "merges" / "task_arithmetic_swept" / "config.json").is_file():
+        val = _val_accuracy(demo_dir)  # the demo's merges exist but its report does not (yet)
+    else:
         from ..demo.run import run_demo
 
         run_demo(demo_dir, seed=seed, quick=quick, progress=progress)
-    rep = json.loads(rep_path.read_text())
-    val = rep["accuracy_val"]
-    merges = sorted((m for m in val if (demo_dir / "merges" / m / "config.json").is_file()),
-                    key=lambda m: -val[m]["overall"])
+        val = {m: a["overall"] for m, a in json.loads(rep_path.read_text())["accuracy_val"].items()}
+    order = _merge_order(demo_dir)
+    merges = sorted((m for m in order if m in val), key=lambda m: (-val[m], order.index(m)))
     return {"models": {k: demo_dir / "models" / k for k in ("base", "lvlm", "rm")},
-            "best": demo_dir / "merges" / rep["best_merge"], "best_name": rep["best_merge"],
+            "best": demo_dir / "merges" / merges[0], "best_name": merges[0],
             "ranked_merges": [demo_dir / "merges" / m for m in merges],
-            "val_accuracy": {m: val[m]["overall"] for m in merges}}
+            "val_accuracy": {m: val[m] for m in merges}}
+
+
+def _merge_order(demo_dir: Path) -> list[str]:
+    """The demo's merges in its own order (methods, then the swept task arithmetic): ties go to the first, as there."""
+    from ..demo.merges import METHOD_PARAMS
+
+    names = [*METHOD_PARAMS, "task_arithmetic_swept"]
+    return [m for m in names if (demo_dir / "merges" / m / "config.json").is_file()]
+
+
+def _val_accuracy(demo_dir: Path) -> dict[str, float]:
+    """Overall preference accuracy of each merge on the demo's validation pairs (the demo's selection rule)."""
+    from ..demo.evaluate import accuracy
+    from ..eval.records import load_pref_records
+    from ..reward.scorer import VLRewardScorer
+
+    val = load_pref_records(demo_dir / "bench" / "val.jsonl")
+    return {m: accuracy(VLRewardScorer.from_pretrained(demo_dir / "merges" / m, mode="vlrm"), val)["overall"]
+            for m in _merge_order(demo_dir)}
 
 
 def make_reward(source: str, prep: dict[str, Any], st: StudySettings, calib: list[tuple[list, list, dict]] | None = None
