@@ -103,3 +103,15 @@ def targets(runs: Sequence[dict[str, Any]], merged: Sequence[str] = ("vlrm", "en
         out[algo] = {"gap_both_pts": gaps, "beats_baselines_by_10": bool(gaps) and all(g >= 10 for g in gaps.values()),
                      "kept_correct_style_up": kept}
     return out
+
+
+def per_seed_markdown(runs: Sequence[dict[str, Any]], algos: Sequence[str], sources: Sequence[str]) -> str:
+    """Final greedy gold "both" (%) per seed (rows) and (algorithm, source) (columns): the targets are per seed."""
+    seeds = sorted({r["seed"] for r in runs})
+    fin = {(r["algo"], r["source"], r["seed"]): 100 * r["test"][-1]["gold/both"] for r in runs}
+    head = "| seed | " + " | ".join(f"{a.upper()} {s}" for a in algos for s in sources) + " |"
+    lines = [head, "|" + "---|" * (1 + len(algos) * len(sources))]
+    for seed in seeds:
+        lines.append(f"| {seed} | " + " | ".join(f"{fin[(a, s, seed)]:.1f}" if (a, s, seed) in fin else "–"
+                                                 for a in algos for s in sources) + " |")
+    return "\n".join(lines) + "\n"

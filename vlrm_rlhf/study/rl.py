@@ -296,7 +296,7 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
     from ..worlds.shapes import World
     from ..worlds.train import TrainConfig
     from .plots import plot_overoptimization
-    from .report import summarize, table_markdown, targets
+    from .report import per_seed_markdown, summarize, table_markdown, targets
 
     torch.set_num_threads(1)
     work = Path(work_dir)
@@ -355,7 +355,8 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
               "runs": runs, "seconds": round(time.perf_counter() - t_start, 1)}
     from ..eval.report import write_json_atomic
 
-    (work / "table.md").write_text(table_markdown(summary, algos, sources))
+    (work / "table.md").write_text(table_markdown(summary, algos, sources) + "\nFinal greedy gold 'both' (%) per seed:\n\n"
+                                   + per_seed_markdown(runs, algos, sources))
     plot_overoptimization(runs, bon, algos, sources, work / "overoptimization.png")
     write_json_atomic(result, work / "results.json", force=True)
     if progress:
