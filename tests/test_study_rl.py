@@ -24,7 +24,7 @@ def test_gold_reward_reads_the_question():
 def test_study_rl_quick(tmp_path):
     res = CliRunner().invoke(app, ["study", "rl", "--quick", "--work-dir", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output[-3000:]
-    table = (tmp_path / "s" / "table.md").read_text()
+    table = (tmp_path / "s" / "table.md").read_text().split("\n\n")[0]  # the reward-source table
     rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| reward")]
     assert len(rows) == 7  # starting policy + 6 sources
     nums = [float(x) for r in rows for x in re.findall(r"-?\d+\.\d+", r)]
