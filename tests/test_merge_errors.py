@@ -404,7 +404,7 @@ def test_unknown_parameter_keys_are_refused(where, params, match):
 
 
 def test_demo_recipes_parse():
-    from vlrm_rlhf.demo.merges import METHOD_PARAMS, method_recipe
+    from vlrm_rlhf.worlds.merges import METHOD_PARAMS, method_recipe
 
     for m in METHOD_PARAMS:
         parse_recipe(method_recipe(m, {"lvlm": "l", "rm": "r", "base": "b"}, 0))

@@ -124,7 +124,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quick_demo_writes_a_finite_report(quick_demo: Path):
     rep = json.loads((quick_demo / "report.json").read_text())
-    from vlrm_rlhf.demo.merges import METHOD_PARAMS
+    from vlrm_rlhf.worlds.merges import METHOD_PARAMS
 
     need = {*METHOD_PARAMS, "text_rm", "lvlm_judge", "cascade", "no_image"}
     assert need <= set(rep["accuracy"])

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..eval.prefs import evaluate_prefs
+from ..eval.prefs import flat_accuracy
 from ..reward.inputs import Sample
 from ..worlds.text import DESCRIPTION_PREFIX
 
@@ -41,12 +41,6 @@ def descriptions_by_image(records: Sequence[Any], raw_rows: Sequence[dict]) -> d
     return {id(im): by_id[rec.id] for rec in records for im in rec.images}
 
 
-def accuracy(scorer: Any, records: Sequence[Any]) -> dict[str, float]:
-    """Flat accuracies (overall, macro, per category, tie_rate) of one scorer on one split."""
-    res = evaluate_prefs(scorer, records, progress=False, batch_size=64)
-    return {**res.accuracy_by_category(), "tie_rate": res.metrics["tie_rate"]}
-
-
 def evaluate_all(scorers: dict[str, Callable[[], Any]], splits: dict[str, Sequence[Any]],
                  progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {scorer name: accuracies}} for lazily built scorers (each loaded once, then dropped)."""
@@ -56,7 +50,7 @@ def evaluate_all(scorers: dict[str, Callable[[], Any]], splits: dict[str, Sequen
     for name, make in tqdm(list(scorers.items()), desc="evaluate scorers", disable=not progress, leave=False):
         scorer = make()
         for split, recs in splits.items():
-            out[split][name] = accuracy(scorer, recs)
+            out[split][name] = flat_accuracy(scorer, recs)
         del scorer
     return out
 

@@ -41,8 +41,16 @@ def plot_accuracy(acc: Mapping[str, Mapping[str, float]], order: Sequence[str], 
     plt.close(fig)
 
 
-def plot_reward_curve(curve: Sequence[Mapping[str, float]], path: Path, title: str) -> None:
-    """Mean merged reward per PPO update with a moving average."""
+def study_markdown(study: Mapping) -> list[str]:
+    """The reward-source study's report section (see :mod:`vlrm_rlhf.study.demo`)."""
+    from ..study.demo import markdown
+
+    return markdown(dict(study))
+
+
+def plot_reward_curve(curve: Sequence[Mapping[str, float]], path: Path, title: str,
+                      gold: Sequence[Mapping[str, float]] | None = None) -> None:
+    """Mean merged reward per PPO update with a moving average; ``gold``: the gold checks (right axis)."""
     plt = _plt()
     x = [r["update"] for r in curve]
     y = [r["mean_reward"] for r in curve]
@@ -53,7 +61,11 @@ def plot_reward_curve(curve: Sequence[Mapping[str, float]], path: Path, title: s
     ax.plot(x, smooth, lw=2, color="tab:blue", label=f"{k}-update moving average")
     ax.set(xlabel="PPO update", ylabel="merged reward (objective/scores)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    if gold:
+        from ..study.plots import gold_axis
+
+        gold_axis(ax, gold)
     fig.tight_layout()
     write_figure_atomic(fig, path, force=True)
     plt.close(fig)
@@ -186,6 +198,7 @@ def write_markdown(rep: Mapping[str, Any], order: Sequence[str], path: Path) -> 
         "",
         "![reward curve](reward_curve.png)",
         "",
+        *(study_markdown(rep["reward_study"]) if "reward_study" in rep else []),
         *(reasoning_section(rep["reasoning"]) if "reasoning" in rep else []),
         "## Timings (s)",
         "",

@@ -14,19 +14,9 @@ from typing import Any
 import torch
 
 from ..models.loading import pretrained
-from ..worlds.shapes import QA, World, grade, questions
+from ..worlds.gold import grade
+from ..worlds.shapes import QA, World, questions
 from ..worlds.text import messages
-
-
-def eval_questions(world: World, n: int, seed: int, split: str = "test") -> list[tuple[Any, QA]]:
-    """``n`` (image, question) pairs from a held-out split, fixed per seed."""
-    sp = getattr(world, split)
-    rng = random.Random(f"rl-eval:{seed}")
-    out = []
-    for _ in range(n):
-        i = rng.randrange(len(sp.scenes))
-        out.append((sp.image(i), rng.choice(questions(sp.scenes[i]))))
-    return out
 
 
 def best_of_n_stage(lvlm_dir: Path, vlrm_dir: Path, items: list[tuple[Any, QA]], n: int, seed: int) -> dict:
@@ -103,13 +93,18 @@ def ppo_stage(world: World, lvlm_dir: Path, vlrm_dir: Path, out: Path, *, update
                 curve.append({"update": state.global_step, "mean_reward": logs["objective/scores"],
                               "kl": logs["objective/kl"]})
 
+    from ..trainers.gold_check import GoldCheckCallback, GoldPrompt
+    from ..worlds.gold import gold_dict
+
+    gold = GoldCheckCallback([GoldPrompt(messages(qa.question, image=True), [im], item=qa) for im, qa in eval_items],
+                             proc, gold_dict, every=max(1, updates // 8), max_new_tokens=10, seed=seed)
     trainer = VLPPOTrainer(model=str(lvlm_dir), reward_funcs=str(vlrm_dir), args=args,
-                           train_dataset=Dataset.from_list(rows), callbacks=[Record()])
+                           train_dataset=Dataset.from_list(rows), callbacks=[Record(), gold])
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     policy = getattr(trainer.model, "policy", trainer.model)
     after = greedy_quality(policy.eval(), proc, eval_items)
-    return {"curve": curve, "seconds": round(seconds, 1), "updates": len(curve),
+    return {"curve": curve, "gold_curve": gold.history, "seconds": round(seconds, 1), "updates": len(curve),
             "quality_before": before[0], "correct_before": before[1],
             "quality_after": after[0], "correct_after": after[1]}

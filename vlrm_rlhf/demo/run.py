@@ -105,17 +105,18 @@ def run_demo(work_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool =
 
 def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: bool) -> dict[str, Any]:
     """Every stage of ``run_demo`` in a checked and locked work folder."""
+    from ..eval.prefs import flat_accuracy
     from ..eval.records import load_pref_records
     from ..eval.sweep import run_sweep
     from ..files import write_bytes_atomic, write_json_atomic
     from ..merge import build
-    from ..worlds.bench import write_benchmark
+    from ..worlds.bench import eval_questions, write_benchmark
+    from ..worlds.merges import METHOD_PARAMS, write_recipes
     from ..worlds.shapes import World
     from ..worlds.train import train_all
     from . import evaluate as ev
-    from .merges import METHOD_PARAMS, write_recipes
     from .report import plot_accuracy, plot_reward_curve, write_markdown
-    from .rl import best_of_n_stage, eval_questions, ppo_stage
+    from .rl import best_of_n_stage, ppo_stage
 
     cfg = TrainConfig.quick() if quick else TrainConfig()
     st = DemoSettings.quick() if quick else DemoSettings()
@@ -144,7 +145,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
             from ..reward.scorer import VLRewardScorer
 
             sc = VLRewardScorer(model, processor, mode="vlrm")
-            v, t = ev.accuracy(sc, val), ev.accuracy(sc, test)
+            v, t = flat_accuracy(sc, val), flat_accuracy(sc, test)
             return {**{f"val_{k}": x for k, x in v.items()}, **{f"test_{k}": x for k, x in t.items()}}
 
         grid = {"lvlm.weight": list(st.grid_lvlm), "rm.weight": list(st.grid_rm)}
@@ -161,7 +162,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
 
         no_img = VLRewardScorer.from_pretrained(merges[best], mode="no_image")
         for s, recs in splits.items():
-            res[s]["no_image"] = ev.accuracy(no_img, recs)
+            res[s]["no_image"] = flat_accuracy(no_img, recs)
 
     with clock.stage("bon", "best-of-n: reranking the LVLM's sampled answers with the best VLRM"):
         items = eval_questions(world, st.bon_questions, seed)
@@ -169,6 +170,11 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
     with clock.stage("ppo", "PPO on the LVLM with the merged reward"):
         ppo = ppo_stage(world, dirs["lvlm"], merges[best], work, updates=st.ppo_updates, batch=st.ppo_batch,
                         seed=seed, eval_items=eval_questions(world, st.ppo_eval, seed + 1), progress=progress)
+
+    with clock.stage("reward_study", "reward-source study: PPO and GRPO with each reward, against the gold judgement"):
+        from ..study.demo import study_stage
+
+        study = study_stage(work, dirs, merges, res["val"], best, seed=seed, quick=quick, progress=progress)
 
     reasoning = None
     if with_reasoning:
@@ -192,7 +198,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
                     "no_image_drop_pts": drop, "beats_text_rm": gain_rm >= 10, "beats_lvlm_judge": gain_judge >= 10,
                     "no_image_drop": drop >= 10},
         "sweep": sweep_rows, "sweep_best": sweep_best, "bon": bon,
-        "ppo": {k: v for k, v in ppo.items() if k != "curve"}, "ppo_curve": ppo["curve"],
+        "ppo": {k: v for k, v in ppo.items() if k != "curve"}, "ppo_curve": ppo["curve"], "reward_study": study,
         "unseen_combos": sorted(world.unseen), "n_pairs": {s: len(r) for s, r in splits.items()},
         "training": trained["log"], "models_cached": trained["cached"], "timings": clock.t,
         "train_config": json.loads(cfg.key()),
@@ -203,7 +209,8 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
     plot_accuracy(acc, [n for n in order if n in acc], work / "accuracy.png",
                   f"ShapesWorld preference accuracy, test pairs (seed {seed})")
     if ppo["curve"]:
-        plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})")
+        plot_reward_curve(ppo["curve"], work / "reward_curve.png", f"PPO with the merged reward ({best})",
+                          gold=ppo["gold_curve"])
     write_bytes_atomic((work / "sweep" / "sweep.png").read_bytes(), work / "sweep.png", force=True)
     write_markdown(rep, [n for n in order if n in acc], work / "report.md")
     write_json_atomic(rep, work / "report.json", force=True)  # last: its presence means the run completed

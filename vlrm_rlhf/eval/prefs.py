@@ -191,3 +191,9 @@ def summarize(metrics: Mapping[str, Any]) -> str:
     plus = f" | ACC+ {metrics['acc_plus'] * 100:.1f} ({metrics['groups']} groups)" if "acc_plus" in metrics else ""
     return (f"overall {metrics['overall'] * 100:.1f} | macro {metrics['macro'] * 100:.1f} | {cats} | "
             f"ties {metrics['tie_rate'] * 100:.1f} % | n {metrics['n']}{plus}")
+
+
+def flat_accuracy(scorer: Any, records: Sequence[Any]) -> dict[str, float]:
+    """Flat accuracies (overall, macro, per category, tie_rate) of one scorer on one split."""
+    res = evaluate_prefs(scorer, records, progress=False, batch_size=64)
+    return {**res.accuracy_by_category(), "tie_rate": res.metrics["tie_rate"]}

@@ -39,8 +39,8 @@ from ..errors import VLRMError
 from .inputs import InputError, Sample, make_sample
 from .scorer import Mode, Plan, VLRewardScorer
 
-__all__ = ["NonFiniteRewardError", "NonFiniteRewardWarning", "RewardValueError", "VLRMReward", "check_finite",
-           "default_name", "sibling_scorer"]
+__all__ = ["NonFiniteRewardError", "NonFiniteRewardWarning", "RewardValueError", "VLRMReward", "as_messages",
+           "check_finite", "column_images", "default_name", "sibling_scorer"]
 
 Normalize = Literal["batch", "running"]
 _EPS = 1e-6
@@ -191,10 +191,10 @@ class VLRMReward:
     # ---- inputs ---------------------------------------------------------------------------------------
     def _sample(self, i: int, prompt: Any, completion: Any, columns: dict[str, Any]) -> Sample:
         """Sample i as one conversation (prompt + completion), with its images (inline first, else columns)."""
-        messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
+        messages = as_messages(prompt, "user") + as_messages(completion, "assistant")
         inline = sum(1 for m in messages if isinstance(m.get("content"), list)
                      for b in m["content"] if b.get("type") == "image" and b.get("image") is not None)
-        given = _column_images(columns, i)
+        given = column_images(columns, i)
         if inline and given:
             if len(given) != inline:
                 raise InputError(f"sample {i}: the prompt carries {inline} inline image(s) but the image column "
@@ -372,7 +372,7 @@ def _clean_block(b: Any) -> Any:
     return {k: v for k, v in b.items() if v is not None} if isinstance(b, dict) else b
 
 
-def _as_messages(x: Any, role: str) -> list[dict[str, Any]]:
+def as_messages(x: Any, role: str) -> list[dict[str, Any]]:
     """A prompt or completion as chat messages: strings become one ``role`` message."""
     if x is None:
         return []
@@ -389,7 +389,7 @@ def _as_messages(x: Any, role: str) -> list[dict[str, Any]]:
     return out
 
 
-def _column_images(columns: dict[str, Any], i: int) -> list[Any]:
+def column_images(columns: dict[str, Any], i: int) -> list[Any]:
     """Sample i's images from the ``images`` (a list per sample) or ``image`` (one per sample) column."""
     for key in ("images", "image"):
         col = columns.get(key)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from ..files import atomic_output_dir, write_jsonl_atomic
-from .shapes import Pair, Split, World
+from .shapes import QA, Pair, Split, World, questions
 
 
 def pair_records(world: World, split: Split, pairs: list[Pair], image_dir: str, seed: int) -> list[dict]:
@@ -45,3 +46,14 @@ def write_benchmark(world: World, out: Path, per_category: dict[str, int], seed:
                 split.image(i).save(tmp / "images" / f"{name}_{i:05d}.png")
             write_jsonl_atomic(pair_records(world, split, pairs, "images", seed), tmp / f"{name}.jsonl")
     return {name: out / f"{name}.jsonl" for name in per_category}
+
+
+def eval_questions(world: World, n: int, seed: int, split: str = "test") -> list[tuple[Any, QA]]:
+    """``n`` (image, question) pairs from a held-out split, fixed per seed."""
+    sp = getattr(world, split)
+    rng = random.Random(f"rl-eval:{seed}")
+    out = []
+    for _ in range(n):
+        i = rng.randrange(len(sp.scenes))
+        out.append((sp.image(i), rng.choice(questions(sp.scenes[i]))))
+    return out

@@ -261,11 +261,3 @@ def parse_answer(text: str) -> tuple[str | None, str | None]:
         if len(words) >= len(tpl) and tuple(words[:3]) == tpl[:3] and words[-1] == tpl[-1]:
             return style, " ".join(words[3:-1])
     return None, None
-
-
-def grade(qa: QA, text: str) -> float:
-    """Answer quality: 1 for the right answer in the preferred style, 0.5 in the other style, else 0."""
-    style, content = parse_answer(text)
-    if content != qa.gold:
-        return 0.0
-    return 1.0 if style == "good" else 0.5

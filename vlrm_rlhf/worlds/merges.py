@@ -1,4 +1,5 @@
-"""The demo's merge recipes: every registered method with the usual (untuned) parameters.
+"""ShapesWorld merge recipes (the demo's and the RL study's): every registered method with the usual (untuned)
+parameters.
 
 Each recipe is written as an ordinary YAML file the user can rerun with ``vlrm-rlhf merge``; the λ grid of
 task arithmetic is explored separately by the in-memory sweep and chosen on the validation split.

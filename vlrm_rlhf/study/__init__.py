@@ -1,0 +1,1 @@
+"""Studies that measure RL with merged rewards against ShapesWorld's gold judgement (``vlrm-rlhf study ...``)."""
