@@ -83,6 +83,16 @@ def test_cli_and_script_arguments_pass_loading_options(vlrm_dir, calls, tmp_path
     args = RewardScriptArguments(reward_device="auto", reward_dtype="bfloat16", reward_attn_implementation="sdpa")
     assert args.reward_load_kwargs() == {"device_map": "auto", "dtype": "bfloat16", "attn_implementation": "sdpa"}
     assert RewardScriptArguments().reward_load_kwargs() == {}
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bon_sft", Path(__file__).parents[1] / "launch" / "bon_sft.py")
+    bon_sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bon_sft)
+    bargs = bon_sft.BonScriptArguments(reward_device="cuda:1", reward_dtype="float16")
+    from vlrm_rlhf.scripts import reward_load_kwargs
+
+    assert reward_load_kwargs(bargs) == {"device": "cuda:1", "dtype": "float16"}
 
 
 def test_bad_dtype_names_the_choices():
