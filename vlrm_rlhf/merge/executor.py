@@ -182,6 +182,9 @@ class MergeExecutor:
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
             s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
         ins = [t for t, m in zip(([base] if base is not None else []) + tensors, mapped, strict=True) if m]
+        if release_inputs:  # the finiteness and ancestry checks above read every page once: give them back
+            for t in ins:
+                release(t.reshape(-1))
         with mapped_inputs(ins if release_inputs else []):
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
