@@ -176,7 +176,10 @@ class MergeExecutor:
         else:
             _check_shapes(p.key, plan.base, base, srcs, tensors)
         if plan.method.name not in _PROPAGATES_NAN:
-            _check_inputs_finite(p.key, inputs)
+            for src_t in inputs:  # one input at a time, its pages given back before the next is read
+                _check_inputs_finite(p.key, [src_t])
+                if release_inputs and src_t[0].ckpt.mapped:
+                    release(src_t[1].reshape(-1))
         if self.track_ancestry:
             self._track_ancestor(p.key, base, srcs, tensors)
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
