@@ -40,6 +40,11 @@ class BonScriptArguments(ScriptArguments, scripts.OutputArguments):
 
     reward_model_path: str | None = field(default=None, metadata={"help": "VLRM directory (vlrm-rlhf merge output)."})
     reward_mode: str = field(default="vlrm", metadata={"help": "Scorer mode: vlrm or no_image."})
+    reward_device: str | None = field(default=None, metadata={
+        "help": "Device of the VLRM (cpu, cuda; 'auto' spreads it over the GPUs)."})
+    reward_dtype: str | None = field(default=None, metadata={"help": "Dtype the VLRM loads in (bfloat16, ...)."})
+    reward_attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel of the VLRM: sdpa, flash_attention_2, eager."})
     num_rounds: int = field(default=2, metadata={"help": "Rounds of sample -> select -> fine-tune."})
     num_samples: int = field(default=8, metadata={"help": "Answers sampled per prompt (the n of best-of-n)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled answer, in tokens."})
@@ -117,7 +122,8 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
                                               require_images=scripts.policy_needs_images(
                                                   model_args.model_name_or_path, getattr(model_args, "trust_remote_code", False)))
     with scripts.loading(f"the reward model --reward_model_path {script_args.reward_model_path}"):
-        scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode)
+        scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode,
+                                                **scripts.reward_load_kwargs(script_args))
     scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     trust = getattr(model_args, "trust_remote_code", False)  # TRL 1.16's ModelConfig has no such flag: False

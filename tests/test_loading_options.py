@@ -63,8 +63,9 @@ def test_reward_funcs_pass_loading_options(vlrm_dir, calls):
     assert next(r.scorer.model.parameters()).dtype is torch.bfloat16 and r._device_pinned
 
 
-def test_cli_and_script_arguments_pass_loading_options(vlrm_dir, calls, tmp_path):
+def test_cli_and_script_arguments_pass_loading_options(vlrm_dir, calls, tmp_path, monkeypatch):
     import json
+    import sys
 
     from vlrm_rlhf.cli import app
     from vlrm_rlhf.scripts import RewardScriptArguments
@@ -83,6 +84,17 @@ def test_cli_and_script_arguments_pass_loading_options(vlrm_dir, calls, tmp_path
     args = RewardScriptArguments(reward_device="auto", reward_dtype="bfloat16", reward_attn_implementation="sdpa")
     assert args.reward_load_kwargs() == {"device_map": "auto", "dtype": "bfloat16", "attn_implementation": "sdpa"}
     assert RewardScriptArguments().reward_load_kwargs() == {}
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bon_sft", Path(__file__).parents[1] / "launch" / "bon_sft.py")
+    bon_sft = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bon_sft", bon_sft)  # dataclasses look their module up there
+    spec.loader.exec_module(bon_sft)
+    bargs = bon_sft.BonScriptArguments(reward_device="cuda:1", reward_dtype="float16")
+    from vlrm_rlhf.scripts import reward_load_kwargs
+
+    assert reward_load_kwargs(bargs) == {"device": "cuda:1", "dtype": "float16"}
 
 
 def test_bad_dtype_names_the_choices():

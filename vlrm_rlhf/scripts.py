@@ -30,7 +30,7 @@ from .reward.inputs import make_sample
 
 __all__ = ["OutputArguments", "RewardLengthError", "RewardScriptArguments", "check_reward_model", "checked_reward",
            "explain_batch_error", "load_reward_funcs", "loading", "parse", "policy_needs_images", "prepare_output",
-           "prepare_rl", "probe_rewards", "run_recipe", "train_and_save"]
+           "prepare_rl", "probe_rewards", "reward_load_kwargs", "run_recipe", "train_and_save"]
 
 
 class RewardLengthError(VLRMError, ValueError):
@@ -72,12 +72,18 @@ class RewardScriptArguments(ScriptArguments, OutputArguments):
         "help": "Attention kernel of the VLRM: sdpa, flash_attention_2, eager."})
 
     def reward_load_kwargs(self) -> dict[str, Any]:
-        """The scorer's loading options from the reward_* arguments (``device="auto"`` -> ``device_map="auto"``)."""
-        kw = {"device": self.reward_device, "dtype": self.reward_dtype,
-              "attn_implementation": self.reward_attn_implementation}
-        if kw["device"] == "auto":
-            kw["device_map"] = kw.pop("device")
-        return {k: v for k, v in kw.items() if v is not None}
+        """The scorer's loading options from the reward_* arguments (``reward_load_kwargs``)."""
+        return reward_load_kwargs(self)
+
+
+def reward_load_kwargs(args: Any) -> dict[str, Any]:
+    """``VLRewardScorer.from_pretrained`` loading options from script arguments with ``reward_device``,
+    ``reward_dtype`` and ``reward_attn_implementation`` (``device="auto"`` becomes ``device_map="auto"``)."""
+    kw = {"device": getattr(args, "reward_device", None), "dtype": getattr(args, "reward_dtype", None),
+          "attn_implementation": getattr(args, "reward_attn_implementation", None)}
+    if kw["device"] == "auto":
+        kw["device_map"] = kw.pop("device")
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 @contextmanager

@@ -178,12 +178,18 @@ class MergeExecutor:
         else:
             _check_shapes(p.key, plan.base, base, srcs, tensors)
         if plan.method.name not in _PROPAGATES_NAN:
-            _check_inputs_finite(p.key, inputs)
+            for src_t in inputs:  # one input at a time, its pages given back before the next is read
+                _check_inputs_finite(p.key, [src_t])
+                if release_inputs and src_t[0].ckpt.mapped:
+                    release(src_t[1].reshape(-1))
         if self.track_ancestry:
             self._track_ancestor(p.key, base, srcs, tensors)
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
             s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
         ins = [t for t, m in zip(([base] if base is not None else []) + tensors, mapped, strict=True) if m]
+        if release_inputs:  # the finiteness and ancestry checks above read every page once: give them back
+            for t in ins:
+                release(t.reshape(-1))
         with mapped_inputs(ins if release_inputs else []):
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
