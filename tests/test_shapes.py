@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from vlrm_rlhf.worlds.gold import grade
 from vlrm_rlhf.worlds.shapes import (
     CATEGORY_OF_KIND,
     STYLES,
     World,
     answer,
-    grade,
     parse_answer,
     questions,
 )
