@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from scoring import HIDDEN, IMAGE, LAYERS, PATCH, VISION, llava_224_spec, timed, words
+from scoring import HIDDEN, IMAGE, LAYERS, PATCH, VISION, build_trio_224, timed, words
 
 from vlrm_rlhf.merge import build
 from vlrm_rlhf.reward.ensemble import EnsembleReward
@@ -39,12 +39,7 @@ from vlrm_rlhf.testing import zoo
 
 def build_members(work: Path, k: int) -> tuple[list[Path], Path]:
     """The 224 px LLaVA trio and K task-arithmetic merges of it (λ evenly from 0.4 to 1.0); returns (dirs, lvlm)."""
-    saved = zoo.SPECS["llava"]
-    zoo.SPECS["llava"] = llava_224_spec()
-    try:
-        trio = zoo.build_trio("llava", work / "trio", hidden_size=HIDDEN, num_layers=LAYERS)
-    finally:
-        zoo.SPECS["llava"] = saved
+    trio = build_trio_224(work)
     lams = [round(0.4 + 0.6 * i / max(1, k - 1), 3) for i in range(k)]
     dirs = []
     for lam in lams:

@@ -59,14 +59,19 @@ def llava_224_spec() -> zoo.FamilySpec:
         processor_kwargs={**spec.processor_kwargs, "patch_size": PATCH})
 
 
-def build_vlrm(work: Path) -> tuple[Path, Path]:
-    """Write the trio (spec swapped into the zoo only while building) and merge it; returns (vlrm, lvlm) dirs."""
+def build_trio_224(work: Path) -> dict:
+    """Write the 224 px LLaVA trio (its spec swapped into the zoo only while building)."""
     saved = zoo.SPECS["llava"]
     zoo.SPECS["llava"] = llava_224_spec()
     try:
-        trio = zoo.build_trio("llava", work / "trio", hidden_size=HIDDEN, num_layers=LAYERS)
+        return zoo.build_trio("llava", work / "trio", hidden_size=HIDDEN, num_layers=LAYERS)
     finally:
         zoo.SPECS["llava"] = saved
+
+
+def build_vlrm(work: Path) -> tuple[Path, Path]:
+    """Write the trio and merge it; returns (vlrm, lvlm) dirs."""
+    trio = build_trio_224(work)
     recipe = zoo.write_quick_recipe(trio, work / "recipe.yaml")
     return build(recipe, work / "vlrm", force=True, progress=False), trio["lvlm"]
 

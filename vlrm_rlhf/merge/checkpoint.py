@@ -150,13 +150,7 @@ class Checkpoint:
         f = self.path / VALUE_HEAD_FILE
         if self.role != "vlrm" or not f.is_file():
             return
-        try:
-            h = safe_open(str(f), framework="pt")
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {f}: truncated or corrupt safetensors file ({e})") from e
-        self._handles[f] = h
-        for k in h.keys():
-            self.refs[k] = TensorRef(f, k)
+        self._open_safetensors(f)
 
     def _find_head(self) -> None:
         """Role vlrm: locate the reward head (``score.*`` or ``v_head.summary.*``) and check its width."""
@@ -207,17 +201,21 @@ class Checkpoint:
         for f in shard_files:
             if not f.is_file():
                 raise CheckpointError(f"shard {f} listed in {p / WEIGHTS_INDEX} is missing")
-            try:
-                h = safe_open(str(f), framework="pt")
-            except SafetensorError as e:
-                raise CheckpointError(f"cannot read {f}: truncated or corrupt safetensors file ({e})") from e
-            self._handles[f] = h
-            for k in h.keys():
-                self.refs[k] = TensorRef(f, k)
+            self._open_safetensors(f)
         if files:
             missing = sorted(set(files) - set(self.refs))
             if missing:
                 raise CheckpointError(f"{p / WEIGHTS_INDEX} lists {missing[:3]} but the shards lack them")
+
+    def _open_safetensors(self, f: Path) -> None:
+        """Open one safetensors file lazily and register its tensors (a corrupt header is named)."""
+        try:
+            h = safe_open(str(f), framework="pt")
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {f}: truncated or corrupt safetensors file ({e})") from e
+        self._handles[f] = h
+        for k in h.keys():
+            self.refs[k] = TensorRef(f, k)
 
     def _index_files(self, index: Path) -> dict[str, Path]:
         """Tensor name -> shard file of a ``*.index.json``; every shard must lie inside the model folder."""
