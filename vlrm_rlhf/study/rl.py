@@ -203,7 +203,7 @@ def run_one(algo: str, source: str, world: Any, prep: dict[str, Any], st: StudyS
     """Train the LVLM with one algorithm and reward source; return the val/test gold-check histories."""
     from datasets import Dataset
 
-    from ..reward.processing import load_processor
+    from ..models.processing import load_processor
     from ..trainers.gold_check import GoldCheckCallback
 
     lvlm = prep["models"]["lvlm"]
@@ -253,7 +253,8 @@ def best_of_n(world: Any, prep: dict[str, Any], st: StudySettings, seed: int, so
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ..reward.processing import load_processor
+    from ..models.loading import pretrained
+    from ..models.processing import load_processor
     from ..trainers.gold_check import GoldCheckCallback
     from ..worlds.gold import judge
 
@@ -261,7 +262,7 @@ def best_of_n(world: Any, prep: dict[str, Any], st: StudySettings, seed: int, so
     prompts = gold_prompts(world, st.n_test, seed, "test")
     n_max = max(st.bon_n)
     cb = GoldCheckCallback(prompts, load_processor(lvlm), _gold_fn, max_new_tokens=st.response_length, batch_size=64)
-    policy = AutoModelForImageTextToText.from_pretrained(lvlm).eval()
+    policy = pretrained(AutoModelForImageTextToText, lvlm).eval()
     rep = [p for p in prompts for _ in range(n_max)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
