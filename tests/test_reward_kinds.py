@@ -4,7 +4,6 @@ classifier, a remote-code ``get_score`` model, and a merged VLRM (the reference)
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import recipe
+from _helpers import recipe, write_remote_rm
 from datasets import Dataset
 
 from vlrm_rlhf.reward.scorer import VLRewardScorer
@@ -22,37 +21,6 @@ from vlrm_rlhf.testing.zoo import demo_image, write_value_head
 KINDS = ["value_head", "native_gemma3", "remote_code", "merged"]
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the car ?"}]}]
 RESPONSES = ["the car is red .", "blue", "it is a big green car with a dog .", "no"]
-
-_CONFIG_PY = '''
-from transformers import PretrainedConfig
-
-
-class TinyScoreConfig(PretrainedConfig):
-    model_type = "tiny_get_score_rm_kinds"
-'''
-_MODEL_PY = '''
-import torch
-from transformers import PreTrainedModel
-
-from .configuration_tiny import TinyScoreConfig
-
-
-class TinyScoreModel(PreTrainedModel):
-    config_class = TinyScoreConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.scale = torch.nn.Parameter(torch.ones(1))
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass
-
-    def get_score(self, chat, images):
-        answer = [m["content"] for m in chat if m["role"] == "assistant"][-1]
-        return float(self.scale) * (len(answer) + 100 * len(images))
-'''
-
 
 def _native_gemma3(trio: dict[str, Path], out: Path) -> Path:
     import transformers
@@ -68,16 +36,7 @@ def _native_gemma3(trio: dict[str, Path], out: Path) -> Path:
 
 
 def _remote(out: Path) -> Path:
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    (out / "configuration_tiny.py").write_text(_CONFIG_PY)
-    (out / "modeling_tiny.py").write_text(_MODEL_PY)
-    (out / "config.json").write_text(json.dumps({
-        "model_type": "tiny_get_score_rm_kinds", "architectures": ["TinyScoreModel"],
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyScoreConfig", "AutoModel": "modeling_tiny.TinyScoreModel"}}))
-    save_file({"scale": torch.tensor([0.5])}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_remote_rm(out, "tiny_get_score_rm_kinds")
 
 
 @pytest.fixture(scope="module")

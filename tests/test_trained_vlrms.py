@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers import write_remote_rm
 from typer.testing import CliRunner
 
 from vlrm_rlhf.cli import app
@@ -168,50 +169,9 @@ def test_native_gemma3_sequence_classifier_scores_unchanged(zoo, tmp_path):
 
 
 # ---- remote-code reward models ------------------------------------------------------------------------------
-_CONFIG_PY = '''
-from transformers import PretrainedConfig
-
-
-class TinyScoreConfig(PretrainedConfig):
-    model_type = "tiny_get_score_rm"
-'''
-_MODEL_PY = '''
-import torch
-from transformers import PreTrainedModel
-
-from .configuration_tiny import TinyScoreConfig
-
-
-class TinyScoreModel(PreTrainedModel):
-    config_class = TinyScoreConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.scale = torch.nn.Parameter(torch.ones(1))
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass
-
-    def get_score(self, chat, images):
-        answer = [m["content"] for m in chat if m["role"] == "assistant"][-1]
-        return float(self.scale) * (len(answer) + 100 * len(images))
-'''
-
-
 @pytest.fixture
 def remote_rm(tmp_path):
-    from safetensors.torch import save_file
-
-    d = tmp_path / "remote_rm"
-    d.mkdir()
-    (d / "configuration_tiny.py").write_text(_CONFIG_PY)
-    (d / "modeling_tiny.py").write_text(_MODEL_PY)
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "tiny_get_score_rm", "architectures": ["TinyScoreModel"],
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyScoreConfig", "AutoModel": "modeling_tiny.TinyScoreModel"}}))
-    save_file({"scale": torch.tensor([0.5])}, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return write_remote_rm(tmp_path / "remote_rm", "tiny_get_score_rm")
 
 
 def test_remote_code_is_refused_by_default_and_runs_with_the_flag(remote_rm, tmp_path):
