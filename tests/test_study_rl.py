@@ -34,3 +34,25 @@ def test_study_rl_quick(tmp_path):
     assert all(math.isfinite(h["gold/kl"]) and math.isfinite(h["gold/proxy_reward"]) for r in out["runs"]
                for h in r["test"])
     assert (tmp_path / "s" / "overoptimization.png").stat().st_size > 0
+
+
+def _without_timing(x):
+    """A run's result without its wall-clock fields."""
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items() if "second" not in k and k != "seconds"}
+    if isinstance(x, list):
+        return [_without_timing(v) for v in x]
+    return x
+
+
+def test_study_runs_in_worker_processes_equal_runs_in_the_main_process(tmp_path):
+    """Worker processes (one thread each) give exactly the numbers the same runs give one after another."""
+    from vlrm_rlhf.study.rl import run_study
+
+    kw = dict(seeds=[0], algos=("ppo", "grpo"), sources=("vlrm", "ensemble"), quick=True, progress=False,
+              demo_dir=str(tmp_path / "demo_s{seed}"), make_demo=__import__("vlrm_rlhf.demo.run").demo.run.run_demo)
+    par = run_study(tmp_path / "par", workers=2, **kw)
+    seq = run_study(tmp_path / "seq", workers=1, **kw)
+    assert len(par["runs"]) == len(seq["runs"]) == 4
+    assert _without_timing(par["runs"]) == _without_timing(seq["runs"])
+    assert _without_timing(par["summary"]) == _without_timing(seq["summary"])

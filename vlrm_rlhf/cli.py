@@ -244,13 +244,16 @@ def rl(
     clip: float = typer.Option(None, "--clip", help="Clip (whitened) rewards to [-c, c]."),
     no_bon: bool = typer.Option(False, "--no-bon", help="Skip best-of-n (e.g. for mitigation variants)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny models and budget, one seed (CI)."),
+    workers: int = typer.Option(None, "--workers", min=1,
+                                help="Child processes for a seed's runs, one thread each (default: one per core, "
+                                     "at most 4); results do not depend on it."),
 ) -> None:
     """Train the ShapesWorld LVLM with PPO and GRPO on each reward source; gold quality table and
     over-optimisation plots (results.json, table.md, overoptimization.png in WORK)."""
     from dataclasses import replace
 
     from .demo.run import run_demo
-    from .study.rl import StudySettings, run_study
+    from .study.rl import StudySettings, default_workers, run_study
 
     st = StudySettings.quick() if quick else StudySettings()
     over = {k: v for k, v in {"kl_coef": kl_coef, "updates": updates, "ensemble_combine": combine,
@@ -265,7 +268,7 @@ def rl(
     with handled(ValueError):
         run_study(work_dir, seeds=seed_list[:1] if quick and len(seed_list) > 1 and seeds == "0,1,2" else seed_list,
                   algos=_csv(algos), sources=_csv(sources), demo_dir=demo_dir, quick=quick, settings=st,
-                  with_bon=not no_bon, make_demo=run_demo)
+                  with_bon=not no_bon, make_demo=run_demo, workers=workers or default_workers())
 
 
 app.add_typer(study_app, name="study")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VLRMError
+from ..threads import adaptive_threads
 from ..worlds.train import TrainConfig
 
 LOCK = ".demo.lock"  # held in the work folder for the whole run: one demo per work folder
@@ -79,11 +80,14 @@ class _Clock:
         self._start = time.perf_counter()
 
     @contextlib.contextmanager
-    def stage(self, name: str, msg: str) -> Iterator[None]:
+    def stage(self, name: str, msg: str, *, adaptive: bool = False) -> Iterator[None]:
+        """Time a stage; ``adaptive`` runs it on the cores other processes leave free (only for stages whose
+        results do not depend on the thread count: forward passes)."""
         if self.progress:
             print(f"[{time.perf_counter() - self._start:6.1f}s] {msg} ...", flush=True)
         t0 = time.perf_counter()
-        yield
+        with adaptive_threads() if adaptive else contextlib.nullcontext():
+            yield
         self.t[name] = round(time.perf_counter() - t0, 1)
 
 
@@ -138,7 +142,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
     raw = [json.loads(line) for p in bench.values() for line in p.read_text().splitlines()]
     descriptions = ev.descriptions_by_image([r for rs in splits.values() for r in rs], raw)
 
-    with clock.stage("sweep", "sweeping task arithmetic's (λ_LVLM, λ_RM) grid in memory"):
+    with clock.stage("sweep", "sweeping task arithmetic's (λ_LVLM, λ_RM) grid in memory", adaptive=True):
         val, test = splits["val"], splits["test"]
 
         def evaluate(model, processor) -> dict[str, float]:
@@ -155,7 +159,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
         merges["task_arithmetic_swept"] = swept
         sweep_best = max(sweep_rows, key=lambda r: r["val_overall"])
 
-    with clock.stage("evaluate", "evaluating baselines and merges on validation, test and unseen-combination pairs"):
+    with clock.stage("evaluate", "evaluating baselines and merges on validation, test and unseen-combination pairs", adaptive=True):
         res = ev.evaluate_all(ev.scorer_factories(dirs, merges, descriptions), splits, progress=progress)
         best = max(merges, key=lambda m: res["val"][m]["overall"])
         from ..reward.scorer import VLRewardScorer
@@ -164,7 +168,7 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
         for s, recs in splits.items():
             res[s]["no_image"] = flat_accuracy(no_img, recs)
 
-    with clock.stage("bon", "best-of-n: reranking the LVLM's sampled answers with the best VLRM"):
+    with clock.stage("bon", "best-of-n: reranking the LVLM's sampled answers with the best VLRM", adaptive=True):
         items = eval_questions(world, st.bon_questions, seed)
         bon = best_of_n_stage(dirs["lvlm"], merges[best], items, st.bon_n, seed)
     with clock.stage("ppo", "PPO on the LVLM with the merged reward"):
@@ -180,7 +184,8 @@ def _run(work: Path, *, seed: int, quick: bool, with_reasoning: bool, progress: 
     if with_reasoning:
         from .reasoning import reasoning_stage
 
-        with clock.stage("reasoning", "reasoning: training a text LLM, merging it into the LVLM, layer analyses"):
+        with clock.stage("reasoning", "reasoning: training a text LLM, merging it into the LVLM, layer analyses",
+                         adaptive=True):
             reasoning = reasoning_stage(world, dirs, work, seed=seed, quick=quick, steps=st.llm_steps,
                                         n_per_kind=st.reasoning_tasks_per_kind, progress=progress)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .rl import SOURCES, StudySettings, run_study
+from .rl import SOURCES, StudySettings, default_workers, run_study
 
 
 def study_stage(work: Path, dirs: dict[str, Path], merges: dict[str, Path], val_acc: dict[str, dict[str, float]],
@@ -18,7 +18,7 @@ def study_stage(work: Path, dirs: dict[str, Path], merges: dict[str, Path], val_
             "val_accuracy": {m: val_acc[m]["overall"] for m in ranked}}
     st = StudySettings.quick() if quick else StudySettings.demo()
     res = run_study(work / "reward_study", seeds=[seed], algos=algos, sources=SOURCES, quick=quick, settings=st,
-                    progress=progress, prepared={seed: prep})
+                    progress=progress, prepared={seed: prep}, workers=default_workers())
     return {"summary": res["summary"], "table": (work / "reward_study" / "table.md").read_text(),
             "seconds": res["seconds"], "settings": res["settings"], "ensemble_members": res["ensemble_members"]}
 

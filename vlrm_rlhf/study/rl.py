@@ -57,7 +57,7 @@ class StudySettings:
     @classmethod
     def demo(cls) -> StudySettings:
         """The short version inside ``vlrm-rlhf demo`` (one seed, a smaller budget and fewer held-out prompts)."""
-        return cls(updates=20, every=5, val_every=20, n_val=30, n_test=60, bon_n=(1, 2, 4, 8))
+        return cls(updates=16, every=8, val_every=16, n_val=24, n_test=48, bon_n=(1, 2, 4, 8))
 
     @classmethod
     def quick(cls) -> StudySettings:
@@ -289,23 +289,43 @@ def best_of_n(world: Any, prep: dict[str, Any], st: StudySettings, seed: int, so
     return out
 
 
+def default_workers() -> int:
+    """One study worker process per usable core, at most 4 (each holds its own copy of the small models)."""
+    from ..threads import usable_cores
+
+    return max(1, min(4, len(usable_cores())))
+
+
 # ---- the study ----------------------------------------------------------------------------------------------------
 def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0, 1, 2), algos: Sequence[str] = ALGOS,
               sources: Sequence[str] = SOURCES, demo_dir: str | None = None, quick: bool = False,
               settings: StudySettings | None = None, progress: bool = True,
               prepared: dict[int, dict[str, Any]] | None = None, with_bon: bool = True,
-              make_demo: Callable[..., Any] | None = None) -> dict[str, Any]:
+              make_demo: Callable[..., Any] | None = None, workers: int = 1) -> dict[str, Any]:
     """Run (or resume) every (seed, algorithm, source) and write ``results.json``, ``table.md`` and plots.
 
-    ``prepared`` maps a seed to what :func:`prepare_seed` returns (the demo passes its own models and merges)."""
-    import torch
+    ``prepared`` maps a seed to what :func:`prepare_seed` returns (the demo passes its own models and merges).
+    Runs train on one thread each (their numbers depend on the thread count); with ``workers`` > 1 a seed's
+    missing runs are spread over that many child processes, with the same results."""
+    from ..threads import pinned_threads
 
+    with pinned_threads(1):
+        return _run_study(work_dir, seeds=seeds, algos=algos, sources=sources, demo_dir=demo_dir, quick=quick,
+                          settings=settings, progress=progress, prepared=prepared, with_bon=with_bon,
+                          make_demo=make_demo, workers=workers)
+
+
+def _run_study(work_dir: str | Path, *, seeds: Sequence[int], algos: Sequence[str], sources: Sequence[str],
+               demo_dir: str | None, quick: bool, settings: StudySettings | None, progress: bool,
+               prepared: dict[int, dict[str, Any]] | None, with_bon: bool, make_demo: Callable[..., Any] | None,
+               workers: int) -> dict[str, Any]:
+    """``run_study``'s body, on one thread."""
     from ..worlds.shapes import World
     from ..worlds.train import TrainConfig
+    from .parallel import run_in_workers
     from .plots import plot_overoptimization
     from .report import per_seed_markdown, summarize, table_markdown, targets
 
-    torch.set_num_threads(1)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     st = settings or (StudySettings.quick() if quick else StudySettings())
@@ -331,18 +351,24 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
         sdir.mkdir(parents=True, exist_ok=True)
         bon_path = sdir / "bon.json"
         calib: list = []
+        calib_bon_n: tuple[int, ...] | None = None  # the best-of-n sizes whose samples calibrate the ensemble
         cached = _load(bon_path, st, bon=True)
-        if not with_bon:
-            bon[seed] = {}
+        if not with_bon or (cached is not None and set(sources) <= set(cached)):
+            bon[seed] = cached if with_bon else {}
             if "ensemble" in sources:
-                best_of_n(world, prep, replace(st, bon_n=(1,)), seed, [], calib)
-        elif cached is not None and set(sources) <= set(cached):
-            bon[seed] = cached
-            if "ensemble" in sources:
-                best_of_n(world, prep, replace(st, bon_n=(1,)), seed, [], calib)  # members' calibration samples
+                calib_bon_n = (1,)
+                best_of_n(world, prep, replace(st, bon_n=calib_bon_n), seed, [], calib)  # members' calibration
         else:
             bon[seed] = best_of_n(world, prep, st, seed, sources, calib)
-            _save(bon_path, st, bon[seed], bon=True)
+            calib_bon_n = st.bon_n
+            save_run(bon_path, st, bon[seed], bon=True)
+        todo = [(a, s) for a in algos for s in sources if _load(sdir / f"{a}_{s}.json", st) is None]
+        if workers > 1 and len(todo) > 1:
+            if progress:
+                print(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed}: {len(todo)} runs in "
+                      f"{min(workers, len(todo))} processes ...", flush=True)
+            run_in_workers(todo, prep, st, seed, sdir, quick=quick, workers=workers,
+                           calib_bon_n=calib_bon_n if "ensemble" in sources else None)
         for algo in algos:
             for source in sources:
                 path = sdir / f"{algo}_{source}.json"
@@ -352,7 +378,7 @@ def run_study(work_dir: str | Path = "runs/study", *, seeds: Sequence[int] = (0,
                         print(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed}: {algo} with {source} ...", flush=True)
                     res = run_one(algo, source, world, prep, st, seed, sdir / f"{algo}_{source}", calib,
                                   progress=False)
-                    _save(path, st, res)
+                    save_run(path, st, res)
                 runs.append(res)
     summary = summarize(runs, bon)
     result = {"settings": asdict(st), "seeds": list(seeds), "algos": list(algos), "sources": list(sources),
@@ -380,7 +406,8 @@ def _load(path: Path, st: StudySettings, bon: bool = False) -> Any:
     return d["result"] if d.get("settings") == (st.bon_tag() if bon else st.tag()) else None
 
 
-def _save(path: Path, st: StudySettings, result: Any, bon: bool = False) -> None:
+def save_run(path: Path, st: StudySettings, result: Any, bon: bool = False) -> None:
+    """Cache a run's (or best-of-n's) result with the settings that made it."""
     from ..files import write_json_atomic
 
     write_json_atomic({"settings": st.bon_tag() if bon else st.tag(), "result": result}, path, force=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.loading import pretrained
+from ..threads import adaptive_threads, pinned_threads
 from .shapes import IMAGE_SIZE, WORLD_VERSION, World, answer, make_pair
 from .text import N_IMAGE_TOKENS, build_processor, build_tokenizer, description_seq, text_seq
 from .training_utils import (
@@ -33,7 +34,6 @@ from .training_utils import (
     lm_loss,
     mark_trained,
     optimizer_step,
-    pinned_threads,
     save_model_dir,
 )
 
@@ -286,7 +286,8 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     """Train (or reuse) base, LVLM and RM under ``work``; returns their directories and training logs.
 
     Each model is cached on its own: a directory is reused when its ``shapes_train.json`` matches the seed and
-    config. With ``parallel`` the LVLM and RM train in two child processes (one thread each) after the base.
+    config. The base trains on as many threads as other processes leave cores free (``vlrm_rlhf.threads``); then,
+    with ``parallel``, the LVLM and RM train in two child processes, one thread each.
     """
     work.mkdir(parents=True, exist_ok=True)
     dirs = {k: work / k for k in ("base", "lvlm", "rm")}
@@ -297,7 +298,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
     if log["base"] is None:
         log["lvlm"] = log["rm"] = None  # both are built on the base
         t0 = time.perf_counter()
-        with pinned_threads(1):  # in this process: one thread, as the children use (see ``pinned_threads``)
+        with adaptive_threads():  # Llama-only: bit-identical on any thread count, so use the cores left free
             log["base"] = train_base(World(seed, n_train=cfg.n_train), cfg, dirs["base"], seed, progress)
         log["base"]["seconds"] = round(time.perf_counter() - t0, 1)
         mark_trained(dirs["base"], stamp, log["base"])
@@ -313,7 +314,7 @@ def train_all(work: Path, seed: int, cfg: TrainConfig, *, progress: bool = True,
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         results = run_children(jobs, "vlrm_rlhf.worlds.train:train_job", env=env)
     else:
-        with pinned_threads(1):
+        with pinned_threads(1):  # the LVLM's result depends on the thread count: the same one as in the children
             results = {k: _train_job(k, seed, cfg, dirs["base"], dirs[k], progress) for k in todo}
     for k, r in results.items():
         log[k] = r
@@ -331,6 +332,7 @@ def _train_job(kind: str, seed: int, cfg: TrainConfig, base_dir: Path, out: Path
 
 
 def train_job(kind: str, seed: int, cfg: dict, base: str, out: str) -> dict:
-    """One training job of ``train_all``'s child processes (JSON in, JSON out), on one thread."""
-    torch.set_num_threads(1)
-    return _train_job(kind, seed, TrainConfig(**cfg), Path(base), Path(out))
+    """One training job of ``train_all``'s child processes (JSON in, JSON out), on one thread: the LVLM's weights
+    depend on the thread count (LayerNorm's backward), so it is fixed."""
+    with pinned_threads(1):
+        return _train_job(kind, seed, TrainConfig(**cfg), Path(base), Path(out))

@@ -7,8 +7,7 @@ stamp file that lets a trained model directory be reused when its seed and confi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_output_dir
+from ..threads import tick
 
-__all__ = ["STAMP", "cached_log", "pinned_threads", "cosine_schedule", "encode_texts", "lm_loss", "mark_trained", "optimizer_step",
+__all__ = ["STAMP", "cached_log", "cosine_schedule", "encode_texts", "lm_loss", "mark_trained", "optimizer_step",
            "save_model_dir"]
 
 STAMP = "shapes_train.json"  # written into every trained model directory: {"stamp": ..., "log": ...}
-
-
-@contextmanager
-def pinned_threads(n: int = 1) -> Iterator[None]:
-    """Run a training stage on ``n`` torch threads, restoring the count after: tiny models gain nothing from more
-    threads, and a stage using every core slows down ~10x when another busy process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def encode_texts(tok: Any, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -54,11 +42,13 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int = 0) -> 
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> float:
-    """One optimizer step on ``loss``; returns its value."""
+    """One optimizer step on ``loss``; returns its value. Between steps the active thread governor (if any)
+    re-balances the thread count to the cores other processes leave free."""
     loss.backward()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    tick()
     return loss.item()
 
 
