@@ -306,3 +306,20 @@ def test_pil_images_travel_losslessly():
     d = encode_image(im)
     back = Image.open(io.BytesIO(base64.b64decode(d["base64"])))
     assert back.mode == im.mode and back.tobytes() == im.tobytes()
+
+
+def test_serve_command_refuses_bad_options_before_starting_ray(tmp_path, dirs):
+    pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from vlrm_rlhf.cli import app
+
+    run = CliRunner().invoke
+    res = run(app, ["serve", "--model", str(tmp_path)])
+    assert res.exit_code == 2 and "no reward model at --model" in res.output
+    res = run(app, ["serve", "--model", str(dirs["vlrm"]), "--batching", "fast"])
+    assert res.exit_code == 2 and "unknown --batching 'fast'" in res.output
+    res = run(app, ["serve", "--model", str(dirs["vlrm"]), "--allowed-root", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "is not a folder" in res.output
+    res = run(app, ["serve", "--model", str(dirs["vlrm"]), "--mode", "cascade"])
+    assert res.exit_code == 2 and "--lvlm" in res.output

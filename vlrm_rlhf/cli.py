@@ -300,11 +300,6 @@ def serve(
 ) -> None:
     """Serve the reward model over HTTP on Ray Serve (batched across callers, replicated); prints the URL to
     pass to ``vlrm_rlhf.reward_funcs(URL)`` (or OpenRLHF's --remote_rm_url URL/openrlhf). Ctrl-C stops it."""
-    try:
-        from .serve.app import ServeConfig
-        from .serve.run import ServeError, serve_forever, start_server, stop_server
-    except ImportError as e:
-        fail(f"vlrm-rlhf serve needs Ray Serve: pip install 'vlrm-rlhf[serve]' ({e})")
     install_warning_hook()
     check_mode(mode, lvlm)
     if batching not in ("exact", "throughput"):
@@ -313,6 +308,11 @@ def serve(
         fail(f"no reward model at --model {model} (no config.json)")
     if allowed_root is not None and not allowed_root.is_dir():
         fail(f"--allowed-root {allowed_root} is not a folder")
+    try:
+        from .serve.app import ServeConfig
+        from .serve.run import ServeError, serve_forever, start_server, stop_server
+    except ImportError as e:
+        fail(f"vlrm-rlhf serve needs Ray Serve: pip install 'vlrm-rlhf[serve]' ({e})")
     cfg = ServeConfig(model=str(model.resolve()), mode=mode, lvlm=str(lvlm.resolve()) if lvlm else None,
                       load={"device": device, "dtype": dtype, "attn_implementation": attn_implementation,
                             "trust_remote_code": trust_remote_code or None},
