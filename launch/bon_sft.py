@@ -145,8 +145,9 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
             sft_data = load_from_disk(str(rdir / "bon_data"))
             stats = json.loads((rdir / "bon_data" / "stats.json").read_text())
         else:
-            scorer.model.to(policy.device)
-            scorer.device = policy.device
+            if not isinstance(scorer, RemoteReward):  # a served reward scores on its own machines
+                scorer.model.to(policy.device)
+                scorer.device = policy.device
             sft_data, stats = select(policy, processor, scorer, dataset, script_args, seed=training_args.seed + k)
             if training_args.should_save:
                 with atomic_output_dir(rdir / "bon_data", force=True) as tmp:
