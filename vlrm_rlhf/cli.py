@@ -277,7 +277,8 @@ def serve(
     mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade."),
     lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the model, spread over the Ray cluster."),
-    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, help="GPUs each replica reserves."),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, help="GPUs each replica reserves "
+                                           "(the model then loads on cuda unless --device says otherwise)."),
     cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", min=0.0, help="CPUs each replica reserves "
                                            "(and its torch threads, at least 1)."),
     max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Most caller requests per batch."),
@@ -313,6 +314,8 @@ def serve(
         from .serve.run import ServeError, serve_forever, start_server, stop_server
     except ImportError as e:
         fail(f"vlrm-rlhf serve needs Ray Serve: pip install 'vlrm-rlhf[serve]' ({e})")
+    if gpus_per_replica and device is None:
+        device = "cuda"  # Ray sets each replica's CUDA_VISIBLE_DEVICES to its own GPUs
     cfg = ServeConfig(model=str(model.resolve()), mode=mode, lvlm=str(lvlm.resolve()) if lvlm else None,
                       load={"device": device, "dtype": dtype, "attn_implementation": attn_implementation,
                             "trust_remote_code": trust_remote_code or None},

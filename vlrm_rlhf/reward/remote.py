@@ -215,7 +215,7 @@ class RemoteReward:
                 status, data = await loop.run_in_executor(_pool(), _http, method, url, body, self.timeout)
             except (urllib.error.URLError, ConnectionError, OSError) as e:
                 if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-                    last = f"no answer within the timeout of {self.timeout:g} s (timeout=...)"
+                    last = f"no answer within the timeout of {self.timeout:g} s"
                 else:
                     last = f"unreachable ({getattr(e, 'reason', e)})"
                 continue

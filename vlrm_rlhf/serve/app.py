@@ -122,8 +122,9 @@ class RewardServer:
             return _error(400, f"the request body is not JSON: {e}", self.cfg)
         try:
             samples = await asyncio.to_thread(decode_request, body, self.limits)
-        except VLRMError as e:
-            return _error(400, str(e), self.cfg)
+        except (VLRMError, TypeError, KeyError, AttributeError) as e:  # all raised by the request's content
+            return _error(400, str(e) if isinstance(e, VLRMError) else f"malformed request: {type(e).__name__}: {e}",
+                          self.cfg)
         return await self._answer(samples)
 
     @api.post("/openrlhf")
