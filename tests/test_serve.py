@@ -70,6 +70,22 @@ def server(dirs):
     finally:
         stop_server()
     assert not ray.is_initialized()
+    import psutil
+
+    def alive() -> list[str]:
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.name())
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.time() + 30
+    while (left := alive()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running after the Ray shutdown: {left}"
 
 
 @pytest.fixture(scope="module")
