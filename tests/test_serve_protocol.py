@@ -323,3 +323,42 @@ def test_serve_command_refuses_bad_options_before_starting_ray(tmp_path, dirs):
     assert res.exit_code == 2 and "is not a folder" in res.output
     res = run(app, ["serve", "--model", str(dirs["vlrm"]), "--mode", "cascade"])
     assert res.exit_code == 2 and "--lvlm" in res.output
+
+
+def test_client_needs_no_ray_and_nothing_below_imports_serve():
+    """The client side (reward_funcs with a URL, the launch-script helpers) imports without Ray; only serve/ and the
+    CLI's serve command import serve/ or ray."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import vlrm_rlhf.reward.remote, vlrm_rlhf.reward.factory, vlrm_rlhf.scripts, vlrm_rlhf.bon\n"
+            "assert 'ray' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
+    root = Path(vlrm_rlhf.__file__).parent
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root.parent)})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    bad = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith("serve/") or rel == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "ray" or n.startswith("ray.") or "serve" in n.split(".") for n in names):
+                bad.append(f"{rel}:{node.lineno}")
+    assert not bad, bad
+
+
+def test_an_image_shared_by_a_group_is_encoded_and_decoded_once(dirs, scorer):
+    im = demo_image(dirs["lvlm"], 0)
+    prompts = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": QUESTIONS[0]}]}]] * 4
+    completions = [[{"role": "assistant", "content": a}] for a in ANSWERS]
+    wire = trl_wire_samples(prompts, completions, {})
+    assert all(s["images"][0] is wire[0]["images"][0] for s in wire)
+    samples = decode_request(json.loads(json.dumps({"samples": wire})), Limits())
+    assert all(s.images[0] is samples[0].images[0] for s in samples)
+    assert scorer.score_samples(samples) == VLRMReward(scorer)(prompts=prompts, completions=completions)

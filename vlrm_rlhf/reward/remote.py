@@ -156,11 +156,11 @@ class RemoteReward:
             pairs = list(zip(prompts, responses, strict=True))
         if images is not None and len(images) != len(pairs):
             raise RemoteRewardError(f"{len(images)} image entries for {len(pairs)} samples")
-        wire = []
+        wire, memo = [], {}  # memo: an image shared by several samples is encoded once
         for i, (p, r) in enumerate(pairs):
             ims = images[i] if images is not None else None
             ims = [] if ims is None else list(ims) if isinstance(ims, list | tuple) else [ims]
-            wire.append(wire_sample(p, r if r is not None else [], ims, send_paths=self.send_paths))
+            wire.append(wire_sample(p, r if r is not None else [], ims, send_paths=self.send_paths, memo=memo))
         return run_sync(self.score_wire(wire))
 
     def score_candidates(self, prompt: Any, responses: Sequence[Any], images: Any = None) -> list[float]:

@@ -72,9 +72,11 @@ def _is_image_block(b: Any) -> bool:
     return isinstance(b, dict) and (b.get("type") in ("image", "image_url") or ("type" not in b and "image" in b))
 
 
-def wire_sample(prompt: Any, response: Any, images: Sequence[Any] = (), *, send_paths: bool = False) -> dict[str, Any]:
+def wire_sample(prompt: Any, response: Any, images: Sequence[Any] = (), *, send_paths: bool = False,
+                memo: dict[int, dict[str, str]] | None = None) -> dict[str, Any]:
     """One sample for the wire: inline image payloads move to ``images`` (in placeholder order) and their blocks
-    become bare placeholders; ``images`` fills in when there are no inline payloads. Mirrors ``make_sample``."""
+    become bare placeholders; ``images`` fills in when there are no inline payloads. Mirrors ``make_sample``.
+    ``memo`` (by object id, for one request) encodes an image shared by several samples once (a GRPO group)."""
     inline: list[Any] = []
 
     def strip(msgs: Any) -> Any:
@@ -98,7 +100,13 @@ def wire_sample(prompt: Any, response: Any, images: Sequence[Any] = (), *, send_
 
     p, r = strip(prompt), strip(response)
     pics = inline or list(images)
-    return {"prompt": p, "response": r, "images": [encode_image(x, send_paths=send_paths) for x in pics]}
+    memo = {} if memo is None else memo
+    out = []
+    for x in pics:
+        if id(x) not in memo:
+            memo[id(x)] = encode_image(x, send_paths=send_paths)
+        out.append(memo[id(x)])
+    return {"prompt": p, "response": r, "images": out}
 
 
 def trl_wire_samples(prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, Any],
@@ -107,7 +115,7 @@ def trl_wire_samples(prompts: Sequence[Any], completions: Sequence[Any], columns
     image blocks first, else the ``image``/``images`` column (both: counts must agree, and inline ones win)."""
     if len(prompts) != len(completions):
         raise InputError(f"{len(prompts)} prompts for {len(completions)} completions")
-    out = []
+    out, memo = [], {}  # memo: the request's images by object id (its lifetime keeps the ids unique)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         msgs = as_messages(p, "user")
         n_inline = sum(1 for m in msgs if isinstance(m.get("content"), list) for b in m["content"]
@@ -116,7 +124,8 @@ def trl_wire_samples(prompts: Sequence[Any], completions: Sequence[Any], columns
         if n_inline and given and len(given) != n_inline:
             raise InputError(f"sample {i}: the prompt carries {n_inline} inline image(s) but the image column "
                              f"gives {len(given)}")
-        out.append(wire_sample(msgs, as_messages(c, "assistant"), [] if n_inline else given, send_paths=send_paths))
+        out.append(wire_sample(msgs, as_messages(c, "assistant"), [] if n_inline else given, send_paths=send_paths,
+                               memo=memo))
     return out
 
 
@@ -163,8 +172,9 @@ def _decode_image(d: Any, where: str, limits: Limits) -> Image.Image:
     return open_image(src, "image", where)
 
 
-def decode_sample(d: Any, i: int, limits: Limits) -> Sample:
-    """Wire sample ``i`` as a ``Sample``, built exactly as ``VLRMReward`` builds it in process."""
+def decode_sample(d: Any, i: int, limits: Limits, memo: dict[str, Image.Image] | None = None) -> Sample:
+    """Wire sample ``i`` as a ``Sample``, built exactly as ``VLRMReward`` builds it in process; ``memo`` (for one
+    request) decodes an image sent several times once."""
     where = f"sample {i}: "
     if not isinstance(d, dict) or "prompt" not in d or "response" not in d:
         raise WireError(f"{where}a sample is an object with 'prompt', 'response' and optional 'images'")
@@ -186,7 +196,14 @@ def decode_sample(d: Any, i: int, limits: Limits) -> Sample:
             for b in m.get("content") if isinstance(m.get("content"), list) else []:
                 if _is_image_block(b) and b.get("image") is not None:
                     raise WireError(f"{where}image blocks carry no payload on the wire: put the image in 'images'")
-    pics = [_decode_image(x, f"{where}image {k}: ", limits) for k, x in enumerate(images)]
+    pics = []
+    for k, x in enumerate(images):
+        key = x.get("base64") if isinstance(x, dict) and isinstance(x.get("base64"), str) else None
+        if key is None or memo is None or key not in memo:
+            im = _decode_image(x, f"{where}image {k}: ", limits)
+            if key is not None and memo is not None:
+                memo[key] = im
+        pics.append(im if key is None or memo is None else memo[key])
     messages = as_messages(d["prompt"], "user") + as_messages(d["response"], "assistant")
     return make_sample(messages, None, pics or None, i)
 
@@ -200,4 +217,5 @@ def decode_request(body: Any, limits: Limits) -> list[Sample]:
         raise WireError("the request has no samples")
     if len(samples) > limits.max_samples:
         raise WireError(f"{len(samples)} samples in one request, over the limit of {limits.max_samples}")
-    return [decode_sample(s, i, limits) for i, s in enumerate(samples)]
+    memo: dict[str, Image.Image] = {}
+    return [decode_sample(s, i, limits, memo) for i, s in enumerate(samples)]
