@@ -59,6 +59,7 @@ class ServeConfig:
 
 
 def _error(status: int, msg: str, cfg: ServeConfig) -> JSONResponse:
+    """An error answer: the reason, with the model's name and mode as in every answer."""
     return JSONResponse({"error": msg, "model": cfg.name, "mode": cfg.mode}, status_code=status)
 
 
@@ -98,6 +99,7 @@ class RewardServer:
             raise RuntimeError("reward model not loaded")
 
     def _info(self) -> dict[str, Any]:
+        """What ``/ready`` reports: model, mode, batching, limits, this replica's pid and counters."""
         return {"model": self.cfg.name, "mode": self.cfg.mode, "batching": self.cfg.batching,
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_s": self.cfg.batch_wait_s,
                 "pid": os.getpid(), "limits": {k: str(v) if isinstance(v, Path) else v
@@ -168,6 +170,7 @@ class RewardServer:
         return out
 
     def _score_jobs(self, jobs: list[tuple[list, bool]]) -> list[Any]:
+        """Rewards (or an exception) per job; OpenRLHF jobs (rendered texts) apart from protocol ones."""
         raw = [s for s, r in jobs if r]
         if raw:  # OpenRLHF texts are already rendered: bypass the chat template for them
             return [self._score_raw(s) if r else score_jobs(self.scorer, [s], self.cfg.batching, self.stats)[0]
