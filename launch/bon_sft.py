@@ -107,6 +107,7 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
     from datasets import load_from_disk
     from transformers import AutoProcessor
 
+    from vlrm_rlhf.reward.remote import RemoteReward, is_url
     from vlrm_rlhf.reward.scorer import VLRewardScorer
 
     if not (model_args.model_name_or_path and script_args.reward_model_path and script_args.dataset_name):
@@ -121,10 +122,13 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
     dataset = prompt_data.load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split,
                                               require_images=scripts.policy_needs_images(
                                                   model_args.model_name_or_path, getattr(model_args, "trust_remote_code", False)))
-    with scripts.loading(f"the reward model --reward_model_path {script_args.reward_model_path}"):
-        scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode,
-                                                **scripts.reward_load_kwargs(script_args))
-    scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
+    if is_url(script_args.reward_model_path):  # served (vlrm-rlhf serve): the server holds the model and its mode
+        scorer: Any = RemoteReward(script_args.reward_model_path)
+    else:
+        with scripts.loading(f"the reward model --reward_model_path {script_args.reward_model_path}"):
+            scorer = VLRewardScorer.from_pretrained(script_args.reward_model_path, mode=script_args.reward_mode,
+                                                    **scripts.reward_load_kwargs(script_args))
+        scripts.check_reward_model(scorer, dataset, script_args.reward_model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     trust = getattr(model_args, "trust_remote_code", False)  # TRL 1.16's ModelConfig has no such flag: False
     start = len(history)
@@ -141,8 +145,9 @@ def main(script_args: BonScriptArguments, training_args: SFTConfig, model_args: 
             sft_data = load_from_disk(str(rdir / "bon_data"))
             stats = json.loads((rdir / "bon_data" / "stats.json").read_text())
         else:
-            scorer.model.to(policy.device)
-            scorer.device = policy.device
+            if not isinstance(scorer, RemoteReward):  # a served reward scores on its own machines
+                scorer.model.to(policy.device)
+                scorer.device = policy.device
             sft_data, stats = select(policy, processor, scorer, dataset, script_args, seed=training_args.seed + k)
             if training_args.should_save:
                 with atomic_output_dir(rdir / "bon_data", force=True) as tmp:

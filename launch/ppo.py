@@ -18,6 +18,7 @@ from __future__ import annotations
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from vlrm_rlhf import scripts
+from vlrm_rlhf.reward.remote import is_url
 from vlrm_rlhf.trainers import VLPPOConfig, VLPPOTrainer
 
 
@@ -25,6 +26,9 @@ def main(script_args: scripts.RewardScriptArguments, training_args: VLPPOConfig,
     """Load data and rewards, check them, train, save."""
     policy, dataset, rewards = scripts.prepare_rl(script_args, model_args)
     if training_args.value_model_path is None and script_args.reward_model_path:
+        if is_url(script_args.reward_model_path):
+            raise scripts.DataError(f"--reward_model_path {script_args.reward_model_path} is a served reward: give "
+                                    "--value_model_path (a local VLRM or RM directory to start the value model from)")
         training_args.value_model_path = script_args.reward_model_path  # the VLRM, with a fresh-read score head
     trainer = VLPPOTrainer(
         model=policy,  # a path: loaded as AutoModelForImageTextToText (or a causal LM)

@@ -1,4 +1,4 @@
-"""Command line: ``vlrm-rlhf merge|convert|families|demo|rerank|score|eval|sweep|analyze|study``."""
+"""Command line: ``vlrm-rlhf merge|convert|families|demo|rerank|score|eval|sweep|analyze|study|serve``."""
 
 from __future__ import annotations
 
@@ -272,6 +272,73 @@ def rl(
 
 
 app.add_typer(study_app, name="study")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="Reward model directory (a VLRM, or a text RM)."),
+    mode: str = typer.Option("vlrm", "--mode", help="vlrm | no_image | text_rm | cascade."),
+    lvlm: Path = typer.Option(None, "--lvlm", help="Captioning LVLM directory (mode cascade)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of the model, spread over the Ray cluster."),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, help="GPUs each replica reserves "
+                                           "(the model then loads on cuda unless --device says otherwise)."),
+    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", min=0.0, help="CPUs each replica reserves "
+                                           "(and its torch threads, at least 1)."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Most caller requests per batch."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="How long a batch waits to fill up."),
+    batching: str = typer.Option("exact", "--batching", help="exact: every reward equals in-process scoring bit "
+                                 "for bit | throughput: one plan over all callers (float32 rounding may differ)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="HTTP port of Ray Serve's proxy."),
+    route: str = typer.Option("vlrm", "--route", help="URL path of this model (several models can share a cluster)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster: auto (the one this node joined), "
+                                "ray://HEAD:10001, or none: start a local Ray."),
+    allowed_root: Path = typer.Option(None, "--allowed-root", help="Serve image PATHS under this folder (shared "
+                                      "file system); without it only base64 images are accepted."),
+    max_image_bytes: int = typer.Option(16 << 20, "--max-image-bytes", min=1, help="Largest image file accepted."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", min=1, help="Largest image (w x h)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    attn_implementation: str = attn_option(),
+) -> None:
+    """Serve the reward model over HTTP on Ray Serve (batched across callers, replicated); prints the URL to
+    pass to ``vlrm_rlhf.reward_funcs(URL)`` (or OpenRLHF's --remote_rm_url URL/openrlhf). Ctrl-C stops it."""
+    install_warning_hook()
+    check_mode(mode, lvlm)
+    if batching not in ("exact", "throughput"):
+        fail(f"unknown --batching {batching!r}: use exact or throughput")
+    if not (model / "config.json").is_file():
+        fail(f"no reward model at --model {model} (no config.json)")
+    if allowed_root is not None and not allowed_root.is_dir():
+        fail(f"--allowed-root {allowed_root} is not a folder")
+    try:
+        from .serve.app import ServeConfig
+        from .serve.run import ServeError, serve_forever, start_server, stop_server
+    except ImportError as e:
+        fail(f"vlrm-rlhf serve needs Ray Serve: pip install 'vlrm-rlhf[serve]' ({e})")
+    if gpus_per_replica and device is None:
+        device = "cuda"  # Ray sets each replica's CUDA_VISIBLE_DEVICES to its own GPUs
+    cfg = ServeConfig(model=str(model.resolve()), mode=mode, lvlm=str(lvlm.resolve()) if lvlm else None,
+                      load={"device": device, "dtype": dtype, "attn_implementation": attn_implementation,
+                            "trust_remote_code": trust_remote_code or None},
+                      batching=batching, max_batch_size=max_batch_size, batch_wait_s=batch_wait_ms / 1000,
+                      threads=max(1, int(cpus_per_replica)),
+                      limits={"max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
+                              "allowed_root": str(allowed_root.resolve()) if allowed_root else None})
+    with handled(ServeError):
+        try:
+            url = start_server(cfg, replicas=replicas, cpus_per_replica=cpus_per_replica,
+                               gpus_per_replica=gpus_per_replica, host=host, port=port, route=route,
+                               address=None if address in (None, "none") else address)
+        except BaseException:
+            stop_server()
+            raise
+    typer.echo(f"serving {model.name} (mode {mode}, {replicas} replica(s)) at {url}", err=True)
+    typer.echo(f"OpenRLHF: --remote_rm_url {url}/openrlhf; health {url}/health; ready {url}/ready", err=True)
+    typer.echo(url)
+    sys.stdout.flush()
+    serve_forever()
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ class RewardScriptArguments(ScriptArguments, OutputArguments):
     ``dataset_name`` is a local JSON/JSONL/parquet file or ``save_to_disk`` directory (see ``vlrm_rlhf.prompt_data``).
     """
 
-    reward_model_path: str | None = field(default=None, metadata={"help": "VLRM directory (vlrm-rlhf merge output)."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "VLRM directory (vlrm-rlhf merge output), or the URL of a served one (vlrm-rlhf serve)."})
     reward_modes: list[str] = field(default_factory=lambda: ["vlrm"], metadata={
         "help": "VLRM scorer modes, one reward function each: vlrm, no_image (weight them with reward_weights)."})
     reward_funcs: list[str] = field(default_factory=list, metadata={
@@ -115,21 +116,29 @@ def checked_reward(func: Callable[..., Any], non_finite: str = "raise") -> Calla
     """Wrap a GRPO/RLOO/PPO reward function so that a wrong number of rewards is a clear error naming it, and
     NaN/inf rewards follow the VLRM reward's ``non_finite`` policy (``reward.trl.check_finite``: raise, or
     ``"none"``: skip with a warning naming the sample)."""
-    from trl.trainer.utils import get_callable_name
+    from trl.trainer.utils import get_callable_name, is_async_callable
 
     from .reward.trl import check_finite
 
     name = get_callable_name(func)
 
-    @functools.wraps(func if callable(func) and hasattr(func, "__name__") else checked_reward)
-    def wrapper(*, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
-        out = func(prompts=prompts, completions=completions, **kw)
+    def check(out: Any, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float | None]:
         n = len(out) if isinstance(out, Sequence) else None
         if n != len(completions):
             got = f"{n} rewards" if n is not None else f"a {type(out).__name__}"
             raise RewardLengthError(f"reward function {name!r} returned {got} for {len(completions)} completions; "
                                     "it must return one float (or None) per completion")
         return check_finite(name, list(out), prompts, completions, non_finite)  # type: ignore[arg-type]
+
+    wraps = functools.wraps(func if callable(func) and hasattr(func, "__name__") else checked_reward)
+    if is_async_callable(func):  # a served reward (RemoteReward): stays async, so TRL runs it concurrently
+        @wraps
+        async def wrapper(*, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
+            return check(await func(prompts=prompts, completions=completions, **kw), prompts, completions)
+    else:
+        @wraps
+        def wrapper(*, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
+            return check(func(prompts=prompts, completions=completions, **kw), prompts, completions)
 
     wrapper.__name__ = name
     wrapper.__wrapped__ = func  # type: ignore[attr-defined]
@@ -140,6 +149,7 @@ def probe_rewards(funcs: Sequence[Callable[..., Any]], dataset: Any, rows: int =
     """Call each reward function that is not a VLRM once, before training, on the first ``rows`` prompts with a
     dummy completion: a wrong number of rewards raises ``RewardLengthError`` now instead of after the first
     generation. Other failures of the probe are ignored (the function may need real completions)."""
+    from .reward.remote import call_reward
     from .reward.trl import RewardValueError, VLRMReward
 
     batch = dataset.select(range(min(rows, len(dataset))))
@@ -149,8 +159,8 @@ def probe_rewards(funcs: Sequence[Callable[..., Any]], dataset: Any, rows: int =
         if isinstance(getattr(f, "__wrapped__", f), VLRMReward):  # VLRMs are checked by check_reward_model
             continue
         try:
-            f(prompts=list(batch["prompt"]), completions=completions, completion_ids=[[0]] * len(batch),
-              trainer_state=None, log_extra=None, log_metric=None, **columns)
+            call_reward(f, prompts=list(batch["prompt"]), completions=completions, completion_ids=[[0]] * len(batch),
+                        trainer_state=None, log_extra=None, log_metric=None, **columns)
         except (RewardLengthError, RewardValueError):
             raise
         except Exception:  # noqa: BLE001, S110  (see the docstring)
@@ -165,13 +175,21 @@ def load_reward_funcs(reward_model_path: str | None, modes: Sequence[str] = ("vl
     import importlib
 
     from .reward.factory import reward_funcs
+    from .reward.remote import RemoteReward, is_url
 
     non_finite = kw.pop("non_finite", "raise")
     if non_finite not in ("raise", "none"):
         raise DataError(f"--reward_non_finite {non_finite!r}: use 'raise' or 'none'")
-    with loading(f"the reward model --reward_model_path {reward_model_path}"):
-        funcs: list[Callable[..., Any]] = list(reward_funcs(reward_model_path, modes=tuple(modes),
-                                                            non_finite=non_finite, **kw)) if reward_model_path else []
+    if is_url(reward_model_path):  # a served reward (vlrm-rlhf serve): loading options belong to the server
+        given = {k: v for k, v in kw.items() if v is not None}
+        if given or tuple(modes) != ("vlrm",):
+            raise DataError(f"--reward_model_path {reward_model_path} is a served reward: "
+                            f"{sorted(given) or ['--reward_modes']} are set on the server (vlrm-rlhf serve), not here")
+        funcs: list[Callable[..., Any]] = [RemoteReward(reward_model_path, non_finite=non_finite)]
+    else:
+        with loading(f"the reward model --reward_model_path {reward_model_path}"):
+            funcs = list(reward_funcs(reward_model_path, modes=tuple(modes), non_finite=non_finite,
+                                      **kw)) if reward_model_path else []
     for dotted in extra:
         module, _, attr = dotted.rpartition(".")
         if not module:
@@ -311,7 +329,7 @@ def prepare_rl(script_args: RewardScriptArguments, model_args: Any) -> tuple[str
                                 non_finite=script_args.reward_non_finite, **script_args.reward_load_kwargs())
     # fail now, not after the first generation: a VLRM that cannot render these conversations, a reward
     # function that returns the wrong number of rewards
-    if script_args.reward_model_path:
+    if script_args.reward_model_path and hasattr(rewards[0].__wrapped__, "scorer"):  # served: checked by the server
         check_reward_model(rewards[0].__wrapped__.scorer, dataset, script_args.reward_model_path)
     probe_rewards(rewards, dataset)
     return policy, dataset, rewards

@@ -21,7 +21,7 @@ __all__ = ["ensemble_reward", "reward_funcs"]
 
 
 def reward_funcs(path: str | Path | Sequence[str | Path | VLRewardScorer], *, modes: Sequence[Mode] = ("vlrm",),
-                 **kw: Any) -> list[VLRMReward] | Any:
+                 **kw: Any) -> list[Any]:
     """Reward functions for ``GRPOTrainer``/``RLOOTrainer(reward_funcs=...)``: one ``VLRMReward`` per mode.
 
     Ensembles: a LIST of members (``[dir_a, dir_b, ...]``), or a merge recipe with ``grid="lambda=0.5,0.7,1.0"``
@@ -29,10 +29,21 @@ def reward_funcs(path: str | Path | Sequence[str | Path | VLRewardScorer], *, mo
     ``beta``, ``member_normalize``, ...) instead of a list.
 
     ``kw`` holds ``VLRMReward`` options (``name`` is a base name; ``normalize``, ``clip``, ``non_finite``,
-    ``accelerator``) and scorer options (``device``, ``dtype``, ``max_batch_tokens``, ...). Modes
+    ``accelerator``) and scorer options (``device``, ``dtype``, ``max_batch_tokens``, ...).
+
+    A URL (``http://host:port/ROUTE``, what ``vlrm-rlhf serve`` prints) gives ``[RemoteReward(url, **kw)]``: an async
+    reward function scored by the server (options ``name``, ``timeout``, ``retries``, ``backoff``, ``non_finite``,
+    ``check``, ``send_paths``, ``expect_model``); the server must answer now, so a dead one fails before training.
+    Modes
     ``vlrm``/``no_image`` load the model once and share it (e.g. ``modes=("vlrm", "no_image")`` logs the
     image ablation beside the reward; give it weight 0 with ``reward_weights``).
     """
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        from .remote import RemoteReward
+
+        if tuple(modes) != ("vlrm",):
+            raise ValueError("modes=... does not apply to a served reward: the server's --mode decides")
+        return [RemoteReward(path, **kw)]
     if not isinstance(path, str | Path) or "grid" in kw:
         if tuple(modes) != ("vlrm",):
             raise ValueError("modes=... does not apply to an ensemble: give its members as VLRewardScorers instead")

@@ -14,7 +14,8 @@ What differs, and why:
 * **No forced position ids for M-RoPE models**: Qwen-VL computes its 3-D positions itself; other models get the
   exclusive-cumsum positions ``generate`` used under left padding (so rollout and training logprobs agree).
 * **Rewards are callables in TRL's GRPO protocol** (e.g. :class:`~vlrm_rlhf.reward.trl.VLRMReward`), weighted
-  by ``reward_weights``; a VLRM directory string builds one. A ``*ForSequenceClassification`` module sharing the
+  by ``reward_weights``; a VLRM directory string builds one, a URL (``vlrm-rlhf serve``) a ``RemoteReward``
+  (async: awaited here). A ``*ForSequenceClassification`` module sharing the
   policy's tokenizer is scored on token ids exactly as TRL 1.12 did (what the parity test uses).
 * **Value model**: a (VL)M with a scalar ``score`` head applied per token; by default loaded with
   ``AutoModelForSequenceClassification`` from ``value_model_path`` or from the VLRM reward's directory.
@@ -67,6 +68,7 @@ with warnings.catch_warnings():  # TRL warns on any trl.experimental import; the
 
 from ..checkpoints import resolve_resume
 from ..models.loading import pretrained
+from ..reward.remote import call_reward
 from ..reward.trl import check_finite
 from .batching import (
     TEXT_KEYS,
@@ -304,9 +306,9 @@ class VLPPOTrainer(Trainer):
                     per_func[s:s + chunk, j] = get_reward(func, qr, pad, queries.shape[1])[1]
                 check_finite(type(func).__name__, per_func[:, j].tolist(), prompts, completions)
                 continue
-            out = func(prompts=prompts, completions=completions, completion_ids=ids, trainer_state=self.state,
-                       log_extra=lambda *a: None, log_metric=lambda k, v: self._metrics.__setitem__(k, v),
-                       **cols)
+            out = call_reward(func, prompts=prompts, completions=completions, completion_ids=ids,
+                              trainer_state=self.state, log_extra=lambda *a: None,
+                              log_metric=lambda k, v: self._metrics.__setitem__(k, v), **cols)
             if len(out) != n:
                 raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned {len(out)} "
                                  f"rewards for {n} completions")

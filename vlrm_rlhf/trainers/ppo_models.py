@@ -90,9 +90,12 @@ def load_policy(path: str) -> PreTrainedModel:
 
 
 def reward_from_path(path: str | Path) -> Callable[..., list]:
-    """A GRPO-protocol reward callable scoring with the VLRM saved at ``path``."""
+    """A GRPO-protocol reward callable scoring with the VLRM saved at ``path``, or served at a URL."""
+    from ..reward.remote import RemoteReward, is_url
     from ..reward.trl import VLRMReward
 
+    if is_url(path):
+        return RemoteReward(str(path))
     return VLRMReward(path)
 
 
