@@ -253,7 +253,8 @@ def rl(
     from dataclasses import replace
 
     from .demo.run import run_demo
-    from .study.rl import StudySettings, default_workers, run_study
+    from .study.rl import default_workers, run_study
+    from .study.runs import StudySettings
 
     st = StudySettings.quick() if quick else StudySettings()
     over = {k: v for k, v in {"kl_coef": kl_coef, "updates": updates, "ensemble_combine": combine,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .rl import SOURCES, StudySettings, default_workers, run_study
+from .rl import default_workers, run_study
+from .runs import SOURCES, StudySettings
 
 
 def study_stage(work: Path, dirs: dict[str, Path], merges: dict[str, Path], val_acc: dict[str, dict[str, float]],

@@ -59,7 +59,7 @@ def worker(runs: list[list[str]], prep: dict[str, Any], settings: dict[str, Any]
 
     from ..worlds.shapes import World
     from ..worlds.train import TrainConfig
-    from .rl import StudySettings, best_of_n, run_one, save_run
+    from .runs import StudySettings, best_of_n, run_one, save_run
 
     torch.set_num_threads(1)
     st = StudySettings(**{**settings, "bon_n": tuple(settings["bon_n"])})
