@@ -23,7 +23,7 @@ from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
-from .pages import mapped_inputs, release
+from .pages import Prefetcher, mapped_inputs, release
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -84,17 +84,18 @@ class MergeExecutor:
         except ValueError as e:
             raise MergeError(f"tensor {canon}: {e}") from e
 
-    def merge_chunks(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]
-                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``merge`` as a stream of flat ``(start, end, values)`` chunks (``methods.merge_tensor_chunks``)."""
+    def merge_chunks(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
+                     out_dtype: torch.dtype | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``merge`` as a stream of flat ``(start, end, values)`` chunks (``methods.merge_tensor_chunks``), rounded
+        to ``out_dtype`` when given."""
         plan = self.plan
         kept = self._kept(canon, base, tensors)
         if kept is not None:
-            yield 0, kept.numel(), kept.reshape(-1)
+            yield 0, kept.numel(), kept.reshape(-1) if out_dtype is None else kept.reshape(-1).to(out_dtype)
             return
         per, shared = self._params(canon, len(tensors))
         it = M.merge_tensor_chunks(plan.method, base, tensors, per, shared, self._generator(canon),
-                                   plan.compute_dtype)
+                                   plan.compute_dtype, out_dtype)
         while True:
             try:
                 part = next(it)
@@ -194,7 +195,7 @@ class MergeExecutor:
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
             k, rest, width = tail
-            cdtype = self._cdtype or plan.compute_dtype or torch.float32
+            cdtype = M.work_dtype([t for _, t in inputs], plan.compute_dtype)
             extra = torch.zeros((rest, *spec.shape[1:]), dtype=cdtype)
             for sname, o, i in rp.copies:
                 src = plan.source(sname)
@@ -207,10 +208,7 @@ class MergeExecutor:
                 release_inputs: bool) -> Iterator[torch.Tensor]:
         """The merged chunks of ``produce_chunks`` in the output dtype; consumed input pages released behind."""
         done = 0
-        self._cdtype = None
-        for _, e, chunk in self.merge_chunks(p.key, base, tensors):
-            self._cdtype = chunk.dtype
-            out = chunk.to(spec.dtype)
+        for _, e, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
             if out.is_floating_point() and not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
                 _check_inputs_finite(p.key, inputs)
                 raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
@@ -229,16 +227,27 @@ class MergeExecutor:
 
     def _release_inputs(self, p: Producer, numel: int) -> None:
         """Give back the mapped pages of every input tensor of ``p`` (safetensors inputs only)."""
+        for t in self._mapped_inputs(p):
+            release(t.reshape(-1))
+
+    def _mapped_inputs(self, p: Producer) -> list[torch.Tensor]:
+        """The memory-mapped input tensors that producing ``p`` reads (lazy views: nothing is read here)."""
         plan = self.plan
         if p.kind == "copy":
             src = plan.source(p.source)
-            if src.ckpt.mapped:
-                release(src.ckpt.get(p.key).reshape(-1))
-            return
+            return [src.ckpt.get(p.key)] if src.ckpt.mapped else []
+        if p.kind == "head":
+            return [src.ckpt.get(key) for _, src, key in plan.head_inputs(p.key) if key is not None and src.ckpt.mapped]
+        out = []
         for s in ([plan.base] if plan.base else []) + list(plan.models):
             key = s.ckpt.text_key(p.key)
             if key is not None and s.ckpt.mapped:
-                release(s.ckpt.get(key).reshape(-1))
+                out.append(s.ckpt.get(key))
+        return out
+
+    def prefetcher(self, names: list[str]) -> Prefetcher:
+        """A ``pages.Prefetcher`` over the inputs of ``names`` (in production order): step i is ``names[i]``."""
+        return Prefetcher([self._mapped_inputs(self.plan.producers[n]) for n in names])
 
     def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
         """An embedding or lm_head: the rows shared by the inputs merged, donor-only rows copied (``RowPlan``)."""
@@ -362,21 +371,27 @@ def build(
     total = sum(s.nbytes for s in plan.specs.values())
     with atomic_output_dir(out_dir, force=force) as tmp:
         done = 0
-        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL); the bar is
-        # closed (its line ended) before any error is printed
+        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL), and a reader
+        # thread has the kernel read the inputs of the next tensors meanwhile; the bar is closed (its line ended)
+        # before any error is printed
+        order = [n for names in shards.values() for n in names]
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})",
-                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io:
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, \
+                executor.prefetcher(order) as ahead:
             for fname, names in shards.items():
                 w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
                 pending = None
                 for n in names:
                     spec = plan.specs[n]
-                    first = True
+                    first, numel, made = True, math.prod(spec.shape), 0
+                    ahead.at(done)  # ``done`` tensors so far: this is step ``done`` of ``order``
                     for t in executor.produce_chunks(n, release_inputs=True):
                         if pending is not None:
                             pending.result()
                         pending = io.submit(_put, w, n, spec, t, first)
                         first = False
+                        made += t.numel()
+                        ahead.at(done, made / max(numel, 1))
                         del t
                     done += 1
                     bar.update(plan.specs[n].nbytes)

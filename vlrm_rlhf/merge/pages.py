@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 
-__all__ = ["PAGE", "mapped_inputs", "release", "release_mapped"]
+__all__ = ["PAGE", "Prefetcher", "mapped_inputs", "release", "release_mapped", "will_need"]
 
 PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -61,3 +63,86 @@ def release(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
     b = b // PAGE * PAGE if n < t.numel() else -(-b // PAGE) * PAGE
     if b > a:
         _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+_MADV_WILLNEED = 3
+
+
+def will_need(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+    """Ask the kernel to start reading the pages of elements ``[start, end)`` of the file-mapped contiguous tensor
+    ``t`` into the page cache (``madvise(MADV_WILLNEED)``): asynchronous, maps nothing, changes no value."""
+    if _libc is None or not t.is_contiguous() or t.device.type != "cpu" or t.numel() == 0:
+        return
+    n = t.numel() if end is None else min(end, t.numel())
+    es = t.element_size()
+    a = (t.data_ptr() + start * es) // PAGE * PAGE
+    b = t.data_ptr() + n * es
+    if b > a:
+        _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_WILLNEED)
+
+
+class Prefetcher:
+    """Reads the inputs of a merge ahead of it: a background thread asks the kernel for the pages of the next
+    steps (each step: the memory-mapped input tensors of one output tensor, read in lockstep) while the merge
+    computes the current one, at most ``window`` bytes ahead of the position the merge reports (``at``).
+
+    A hint only: the pages land in the page cache (no RSS is mapped), so a step read out of order, or pages evicted
+    under memory pressure, only cost a normal read.
+    """
+
+    def __init__(self, steps: list[list[torch.Tensor]], window: int = 256 << 20, piece: int = 16 << 20):
+        self._steps = [[t.reshape(-1) for t in _unique(ts)] for ts in steps]
+        self._bytes = [sum(t.numel() * t.element_size() for t in ts) for ts in self._steps]
+        self._start = [0]
+        for b in self._bytes:
+            self._start.append(self._start[-1] + b)
+        self._window, self._piece = window, piece
+        self._pos = 0  # bytes of the steps the merge has consumed
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
+
+    def __enter__(self) -> Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def at(self, step: int, fraction: float = 0.0) -> None:
+        """The merge is ``fraction`` of the way through step ``step``: let the reader run up to a window past it."""
+        pos = self._start[step] + int(fraction * self._bytes[step])
+        with self._cv:
+            if pos > self._pos:
+                self._pos = pos
+                self._cv.notify()
+
+    def _run(self) -> None:
+        for i, ts in enumerate(self._steps):
+            size = self._bytes[i]
+            done = 0
+            while done < size:
+                with self._cv:
+                    while not self._stop and self._start[i] + done >= self._pos + self._window:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                step = min(size - done, self._piece)
+                lo, hi = done / size, (done + step) / size
+                for t in ts:  # the same fraction of every input: the merge reads them in lockstep
+                    will_need(t, int(lo * t.numel()), math.ceil(hi * t.numel()))
+                done += step
+
+
+def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``ts`` without repeats of the same memory (a base standing in for a model that lacks a tensor)."""
+    seen, out = set(), []
+    for t in ts:
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .pages import release_mapped
 
-__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunks", "flat",
+__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunk_size", "chunks",
+           "flat",
            "topk_magnitude_mask"]
 
 _CHUNK = 1 << 20  # elements per work chunk (tests shrink it to exercise the multi-chunk paths)
@@ -32,6 +33,11 @@ _MARGIN = (5.0, 8)  # bracket half-width: sample-quantile sigmas + slack positio
 def _spans(n: int) -> range:
     """Start offsets of the work chunks of a flat tensor of ``n`` elements."""
     return range(0, n, _CHUNK)
+
+
+def chunk_size() -> int:
+    """Elements per work chunk (read per call, so tests can shrink it)."""
+    return _CHUNK
 
 
 def chunks(n: int) -> Iterator[tuple[int, int]]:
