@@ -11,6 +11,7 @@ import logging
 import math
 import warnings
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
 
 log = logging.getLogger(__name__)
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
+WRITES_IN_FLIGHT = 4  # output chunks queued for the writer thread (a few MB): smooths bursts of slow writes
 STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
 
 
@@ -232,22 +234,25 @@ class MergeExecutor:
 
     def _mapped_inputs(self, p: Producer) -> list[torch.Tensor]:
         """The memory-mapped input tensors that producing ``p`` reads (lazy views: nothing is read here)."""
+        return [src.ckpt.get(key) for src, key in self._input_keys(p) if src.ckpt.mapped]
+
+    def _input_keys(self, p: Producer) -> list[tuple]:
+        """(source, module key) of every input tensor that producing ``p`` reads."""
         plan = self.plan
         if p.kind == "copy":
-            src = plan.source(p.source)
-            return [src.ckpt.get(p.key)] if src.ckpt.mapped else []
+            return [(plan.source(p.source), p.key)]
         if p.kind == "head":
-            return [src.ckpt.get(key) for _, src, key in plan.head_inputs(p.key) if key is not None and src.ckpt.mapped]
-        out = []
-        for s in ([plan.base] if plan.base else []) + list(plan.models):
-            key = s.ckpt.text_key(p.key)
-            if key is not None and s.ckpt.mapped:
-                out.append(s.ckpt.get(key))
-        return out
+            return [(src, key) for _, src, key in plan.head_inputs(p.key) if key is not None]
+        srcs = ([plan.base] if plan.base else []) + list(plan.models)
+        return [(s, s.ckpt.text_key(p.key)) for s in srcs if s.ckpt.text_key(p.key) is not None]
 
     def prefetcher(self, names: list[str]) -> Prefetcher:
         """A ``pages.Prefetcher`` over the inputs of ``names`` (in production order): step i is ``names[i]``."""
-        return Prefetcher([self._mapped_inputs(self.plan.producers[n]) for n in names])
+        steps = []
+        for n in names:
+            locs = [src.ckpt.location(key) for src, key in self._input_keys(self.plan.producers[n])]
+            steps.append([loc for loc in locs if loc is not None])
+        return Prefetcher(steps)
 
     def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
         """An embedding or lm_head: the rows shared by the inputs merged, donor-only rows copied (``RowPlan``)."""
@@ -285,20 +290,29 @@ class MergeExecutor:
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
     def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:
-        """Record the sampled relative task-vector size of each weight matrix (≤ 64k strided elements)."""
+        """Record the sampled relative task-vector size of each weight matrix (≤ 64k elements: 64 evenly spaced
+        runs of 1024, so a sample reads ~64 pages of a memory-mapped input, not all of them)."""
         if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
             return
-        b = base.reshape(-1)
-        step = max(1, b.numel() // 65536)
-        bs = b[::step].float()
+        bs = _sample(base)
         bn = float(bs.norm())
         for s, t in zip(srcs, tensors):
             if t.shape == base.shape and t is not base and bn > 0:
-                self._ancestry.setdefault(s.name, []).append(float((t.reshape(-1)[::step].float() - bs).norm()) / bn)
+                self._ancestry.setdefault(s.name, []).append(float((_sample(t) - bs).norm()) / bn)
 
     def ancestor_report(self) -> dict[str, float]:
         """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
         return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
+
+
+def _sample(t: torch.Tensor, runs: int = 64, run: int = 1024) -> torch.Tensor:
+    """Up to ``runs * run`` elements of ``t`` in float32: all of a small tensor, else ``runs`` evenly spaced runs."""
+    f = t.reshape(-1)
+    n = f.numel()
+    if n <= runs * run:
+        return f.float()
+    step = (n - run) // (runs - 1)
+    return torch.cat([f[i * step : i * step + run] for i in range(runs)]).float()
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
@@ -380,15 +394,15 @@ def build(
                 executor.prefetcher(order) as ahead:
             for fname, names in shards.items():
                 w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
-                pending = None
+                pending: deque = deque()  # writes in flight, oldest first (the one writer runs them in order)
                 for n in names:
                     spec = plan.specs[n]
                     first, numel, made = True, math.prod(spec.shape), 0
                     ahead.at(done)  # ``done`` tensors so far: this is step ``done`` of ``order``
                     for t in executor.produce_chunks(n, release_inputs=True):
-                        if pending is not None:
-                            pending.result()
-                        pending = io.submit(_put, w, n, spec, t, first)
+                        while len(pending) >= WRITES_IN_FLIGHT:
+                            pending.popleft().result()
+                        pending.append(io.submit(_put, w, n, spec, t, first))
                         first = False
                         made += t.numel()
                         ahead.at(done, made / max(numel, 1))
@@ -396,8 +410,8 @@ def build(
                     done += 1
                     bar.update(plan.specs[n].nbytes)
                     bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")
-                if pending is not None:
-                    pending.result()
+                while pending:
+                    pending.popleft().result()
                 w.close()
         write_index(tmp, shards, plan.specs)
         ancestry = executor.ancestor_report()

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 import mmap
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 
-__all__ = ["PAGE", "Prefetcher", "mapped_inputs", "release", "release_mapped", "will_need"]
+__all__ = ["PAGE", "Prefetcher", "mapped_inputs", "release", "release_mapped"]
 
 PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -65,34 +65,23 @@ def release(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
         _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
 
 
-_MADV_WILLNEED = 3
-
-
-def will_need(t: torch.Tensor, start: int = 0, end: int | None = None) -> None:
-    """Ask the kernel to start reading the pages of elements ``[start, end)`` of the file-mapped contiguous tensor
-    ``t`` into the page cache (``madvise(MADV_WILLNEED)``): asynchronous, maps nothing, changes no value."""
-    if _libc is None or not t.is_contiguous() or t.device.type != "cpu" or t.numel() == 0:
-        return
-    n = t.numel() if end is None else min(end, t.numel())
-    es = t.element_size()
-    a = (t.data_ptr() + start * es) // PAGE * PAGE
-    b = t.data_ptr() + n * es
-    if b > a:
-        _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_WILLNEED)
+Range = tuple[Path, int, int]  # a file and a byte range [start, end) in it
 
 
 class Prefetcher:
-    """Reads the inputs of a merge ahead of it: a background thread asks the kernel for the pages of the next
-    steps (each step: the memory-mapped input tensors of one output tensor, read in lockstep) while the merge
-    computes the current one, at most ``window`` bytes ahead of the position the merge reports (``at``).
+    """Reads the inputs of a merge ahead of it: a background thread asks the kernel to read the next steps (each
+    step: the byte ranges of the input tensors of one output tensor, read in lockstep) into the page cache while the
+    merge computes the current one, at most ``window`` bytes ahead of the position the merge reports (``at``).
 
-    A hint only: the pages land in the page cache (no RSS is mapped), so a step read out of order, or pages evicted
-    under memory pressure, only cost a normal read.
+    Requests (``posix_fadvise(WILLNEED)``, asynchronous, issued without holding the GIL) cover ``piece`` bytes of a
+    step at a time, split over its inputs: the kernel reads at most its readahead size per call and drops the rest,
+    so pieces stay small. A hint only: no page is mapped (RSS does not grow), and a step read out of order, or pages
+    evicted under memory pressure, only cost a normal read.
     """
 
-    def __init__(self, steps: list[list[torch.Tensor]], window: int = 256 << 20, piece: int = 16 << 20):
-        self._steps = [[t.reshape(-1) for t in _unique(ts)] for ts in steps]
-        self._bytes = [sum(t.numel() * t.element_size() for t in ts) for ts in self._steps]
+    def __init__(self, steps: list[list[Range]], window: int = 512 << 20, piece: int = 4 << 20):
+        self._steps = [_unique(rs) for rs in steps]
+        self._bytes = [sum(e - s for _, s, e in rs) for rs in self._steps]
         self._start = [0]
         for b in self._bytes:
             self._start.append(self._start[-1] + b)
@@ -100,17 +89,22 @@ class Prefetcher:
         self._pos = 0  # bytes of the steps the merge has consumed
         self._cv = threading.Condition()
         self._stop = False
+        self._fds: dict[Path, int] = {}
         self._thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
 
     def __enter__(self) -> Prefetcher:
-        self._thread.start()
+        if hasattr(os, "posix_fadvise"):
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        for fd in self._fds.values():
+            os.close(fd)
 
     def at(self, step: int, fraction: float = 0.0) -> None:
         """The merge is ``fraction`` of the way through step ``step``: let the reader run up to a window past it."""
@@ -121,7 +115,7 @@ class Prefetcher:
                 self._cv.notify()
 
     def _run(self) -> None:
-        for i, ts in enumerate(self._steps):
+        for i, rs in enumerate(self._steps):
             size = self._bytes[i]
             done = 0
             while done < size:
@@ -131,18 +125,18 @@ class Prefetcher:
                     if self._stop:
                         return
                 step = min(size - done, self._piece)
-                lo, hi = done / size, (done + step) / size
-                for t in ts:  # the same fraction of every input: the merge reads them in lockstep
-                    will_need(t, int(lo * t.numel()), math.ceil(hi * t.numel()))
+                for path, s, e in rs:  # the same fraction of every input: the merge reads them in lockstep
+                    a, b = s + (e - s) * done // size, s + -(-(e - s) * (done + step) // size)
+                    try:
+                        fd = self._fds.get(path)
+                        if fd is None:
+                            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                        os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+                    except OSError:  # a hint: the merge reads the file itself and reports any error
+                        pass
                 done += step
 
 
-def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``ts`` without repeats of the same memory (a base standing in for a model that lacks a tensor)."""
-    seen, out = set(), []
-    for t in ts:
-        key = (t.data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
+def _unique(rs: list[Range]) -> list[Range]:
+    """``rs`` without repeats (a base standing in for a model that lacks a tensor)."""
+    return list(dict.fromkeys(rs))
