@@ -115,7 +115,7 @@ class MergeExecutor:
         if p.kind == "copy":
             src = plan.source(p.source)
             out = src.ckpt.get(p.key).to(spec.dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out.is_floating_point() and not _all_finite(out):
                 raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
             return out
         if p.kind == "head":
@@ -316,6 +316,12 @@ def _sample(t: torch.Tensor, runs: int = 64, run: int = 1024) -> torch.Tensor:
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: a sum first (one pass, no temporary; NaN/Inf propagate into it), the exact check only
+    when the sum is not finite (it may just have overflowed)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_inputs_finite(key: str, inputs) -> None:
