@@ -108,6 +108,7 @@ class Checkpoint:
         self.refs: dict[str, TensorRef] = {}  # module key -> on-disk location
         self._pickle: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, object] = {}
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}  # shard -> tensor -> data byte range
         self._open_weights(allow_pickle)
         self.head: dict[str, str] = {}
         self._open_value_head()
@@ -273,6 +274,21 @@ class Checkpoint:
         if name not in _SAFE_DTYPES:
             raise CheckpointError(f"tensor {ref.key} in {ref.file} has dtype {name}, which merging does not support")
         return _SAFE_DTYPES[name]
+
+    def location(self, module_key: str) -> tuple[Path, int, int] | None:
+        """Shard file and byte range ``[start, end)`` of a tensor's data (None for pickle weights): lets a reader
+        ask for its pages without touching them."""
+        ref = self.refs[self.ckpt_key[module_key]]
+        if self._pickle is not None:
+            return None
+        if ref.file not in self._offsets:
+            with open(ref.file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._offsets[ref.file] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                                       for k, v in header.items() if k != "__metadata__"}
+        start, end = self._offsets[ref.file][ref.key]
+        return ref.file, start, end
 
     @property
     def mapped(self) -> bool:

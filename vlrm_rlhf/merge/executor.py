@@ -11,6 +11,7 @@ import logging
 import math
 import warnings
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
-from .pages import mapped_inputs, release
+from .pages import Prefetcher, mapped_inputs, release
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -32,6 +33,7 @@ __all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
 
 log = logging.getLogger(__name__)
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
+WRITES_IN_FLIGHT = 4  # output chunks queued for the writer thread (a few MB): smooths bursts of slow writes
 STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
 
 
@@ -84,17 +86,18 @@ class MergeExecutor:
         except ValueError as e:
             raise MergeError(f"tensor {canon}: {e}") from e
 
-    def merge_chunks(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor]
-                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``merge`` as a stream of flat ``(start, end, values)`` chunks (``methods.merge_tensor_chunks``)."""
+    def merge_chunks(self, canon: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
+                     out_dtype: torch.dtype | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``merge`` as a stream of flat ``(start, end, values)`` chunks (``methods.merge_tensor_chunks``), rounded
+        to ``out_dtype`` when given."""
         plan = self.plan
         kept = self._kept(canon, base, tensors)
         if kept is not None:
-            yield 0, kept.numel(), kept.reshape(-1)
+            yield 0, kept.numel(), kept.reshape(-1) if out_dtype is None else kept.reshape(-1).to(out_dtype)
             return
         per, shared = self._params(canon, len(tensors))
         it = M.merge_tensor_chunks(plan.method, base, tensors, per, shared, self._generator(canon),
-                                   plan.compute_dtype)
+                                   plan.compute_dtype, out_dtype)
         while True:
             try:
                 part = next(it)
@@ -112,7 +115,7 @@ class MergeExecutor:
         if p.kind == "copy":
             src = plan.source(p.source)
             out = src.ckpt.get(p.key).to(spec.dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out.is_floating_point() and not _all_finite(out):
                 raise MergeError(f"non-finite values (NaN/Inf) in input tensor {p.key} of {src.role} model {src.name}")
             return out
         if p.kind == "head":
@@ -194,7 +197,7 @@ class MergeExecutor:
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
             k, rest, width = tail
-            cdtype = self._cdtype or plan.compute_dtype or torch.float32
+            cdtype = M.work_dtype([t for _, t in inputs], plan.compute_dtype)
             extra = torch.zeros((rest, *spec.shape[1:]), dtype=cdtype)
             for sname, o, i in rp.copies:
                 src = plan.source(sname)
@@ -207,10 +210,7 @@ class MergeExecutor:
                 release_inputs: bool) -> Iterator[torch.Tensor]:
         """The merged chunks of ``produce_chunks`` in the output dtype; consumed input pages released behind."""
         done = 0
-        self._cdtype = None
-        for _, e, chunk in self.merge_chunks(p.key, base, tensors):
-            self._cdtype = chunk.dtype
-            out = chunk.to(spec.dtype)
+        for _, e, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
             if out.is_floating_point() and not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
                 _check_inputs_finite(p.key, inputs)
                 raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
@@ -229,16 +229,30 @@ class MergeExecutor:
 
     def _release_inputs(self, p: Producer, numel: int) -> None:
         """Give back the mapped pages of every input tensor of ``p`` (safetensors inputs only)."""
+        for t in self._mapped_inputs(p):
+            release(t.reshape(-1))
+
+    def _mapped_inputs(self, p: Producer) -> list[torch.Tensor]:
+        """The memory-mapped input tensors that producing ``p`` reads (lazy views: nothing is read here)."""
+        return [src.ckpt.get(key) for src, key in self._input_keys(p) if src.ckpt.mapped]
+
+    def _input_keys(self, p: Producer) -> list[tuple]:
+        """(source, module key) of every input tensor that producing ``p`` reads."""
         plan = self.plan
         if p.kind == "copy":
-            src = plan.source(p.source)
-            if src.ckpt.mapped:
-                release(src.ckpt.get(p.key).reshape(-1))
-            return
-        for s in ([plan.base] if plan.base else []) + list(plan.models):
-            key = s.ckpt.text_key(p.key)
-            if key is not None and s.ckpt.mapped:
-                release(s.ckpt.get(key).reshape(-1))
+            return [(plan.source(p.source), p.key)]
+        if p.kind == "head":
+            return [(src, key) for _, src, key in plan.head_inputs(p.key) if key is not None]
+        srcs = ([plan.base] if plan.base else []) + list(plan.models)
+        return [(s, s.ckpt.text_key(p.key)) for s in srcs if s.ckpt.text_key(p.key) is not None]
+
+    def prefetcher(self, names: list[str]) -> Prefetcher:
+        """A ``pages.Prefetcher`` over the inputs of ``names`` (in production order): step i is ``names[i]``."""
+        steps = []
+        for n in names:
+            locs = [src.ckpt.location(key) for src, key in self._input_keys(self.plan.producers[n])]
+            steps.append([loc for loc in locs if loc is not None])
+        return Prefetcher(steps)
 
     def _merge_vocab(self, p: Producer, base, srcs, tensors, spec: TensorSpec) -> torch.Tensor:
         """An embedding or lm_head: the rows shared by the inputs merged, donor-only rows copied (``RowPlan``)."""
@@ -276,23 +290,38 @@ class MergeExecutor:
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
     def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:
-        """Record the sampled relative task-vector size of each weight matrix (≤ 64k strided elements)."""
+        """Record the sampled relative task-vector size of each weight matrix (≤ 64k elements: 64 evenly spaced
+        runs of 1024, so a sample reads ~64 pages of a memory-mapped input, not all of them)."""
         if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
             return
-        b = base.reshape(-1)
-        step = max(1, b.numel() // 65536)
-        bs = b[::step].float()
+        bs = _sample(base)
         bn = float(bs.norm())
         for s, t in zip(srcs, tensors):
             if t.shape == base.shape and t is not base and bn > 0:
-                self._ancestry.setdefault(s.name, []).append(float((t.reshape(-1)[::step].float() - bs).norm()) / bn)
+                self._ancestry.setdefault(s.name, []).append(float((_sample(t) - bs).norm()) / bn)
 
     def ancestor_report(self) -> dict[str, float]:
         """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
         return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
 
 
+def _sample(t: torch.Tensor, runs: int = 64, run: int = 1024) -> torch.Tensor:
+    """Up to ``runs * run`` elements of ``t`` in float32: all of a small tensor, else ``runs`` evenly spaced runs."""
+    f = t.reshape(-1)
+    n = f.numel()
+    if n <= runs * run:
+        return f.float()
+    step = (n - run) // (runs - 1)
+    return torch.cat([f[i * step : i * step + run] for i in range(runs)]).float()
+
+
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: a sum first (one pass, no temporary; NaN/Inf propagate into it), the exact check only
+    when the sum is not finite (it may just have overflowed)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_inputs_finite(key: str, inputs) -> None:
@@ -362,27 +391,33 @@ def build(
     total = sum(s.nbytes for s in plan.specs.values())
     with atomic_output_dir(out_dir, force=force) as tmp:
         done = 0
-        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL); the bar is
-        # closed (its line ended) before any error is printed
+        # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL), and a reader
+        # thread has the kernel read the inputs of the next tensors meanwhile; the bar is closed (its line ended)
+        # before any error is printed
+        order = [n for names in shards.values() for n in names]
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})",
-                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io:
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, \
+                executor.prefetcher(order) as ahead:
             for fname, names in shards.items():
                 w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
-                pending = None
+                pending: deque = deque()  # writes in flight, oldest first (the one writer runs them in order)
                 for n in names:
                     spec = plan.specs[n]
-                    first = True
+                    first, numel, made = True, math.prod(spec.shape), 0
+                    ahead.at(done)  # ``done`` tensors so far: this is step ``done`` of ``order``
                     for t in executor.produce_chunks(n, release_inputs=True):
-                        if pending is not None:
-                            pending.result()
-                        pending = io.submit(_put, w, n, spec, t, first)
+                        while len(pending) >= WRITES_IN_FLIGHT:
+                            pending.popleft().result()
+                        pending.append(io.submit(_put, w, n, spec, t, first))
                         first = False
+                        made += t.numel()
+                        ahead.at(done, made / max(numel, 1))
                         del t
                     done += 1
                     bar.update(plan.specs[n].nbytes)
                     bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")
-                if pending is not None:
-                    pending.result()
+                while pending:
+                    pending.popleft().result()
                 w.close()
         write_index(tmp, shards, plan.specs)
         ancestry = executor.ancestor_report()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VLRMError, did_you_mean
-from .sparsify import BERNOULLI, MAGNITUDE, MAGPRUNE, OUTLIERS, Sparsifier, chunks, flat
+from .sparsify import BERNOULLI, MAGNITUDE, MAGPRUNE, OUTLIERS, Sparsifier, chunk_size, chunks, flat
 
 
 class UnknownMethodError(VLRMError, ValueError):
@@ -40,7 +40,7 @@ class MergeMethod:
     stochastic: bool
     min_inputs: int = 1
     max_inputs: int | None = None
-    chunks: Callable[..., Iterator[tuple[int, int, Tensor]]] | None = None  # streaming form of fn, if any
+    chunks: Callable[..., Iterator[tuple[int, int, Tensor]]] | None = None  # streaming form of fn (+ out_dtype=)
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -123,20 +123,22 @@ def merge_tensor(method: str | MergeMethod, base: Tensor | None, tensors: Sequen
 
 def merge_tensor_chunks(method: str | MergeMethod, base: Tensor | None, tensors: Sequence[Tensor],
                         params: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
-                        generator: torch.Generator | None = None, compute_dtype: torch.dtype | None = None
-                        ) -> Iterator[tuple[int, int, Tensor]]:
+                        generator: torch.Generator | None = None, compute_dtype: torch.dtype | None = None,
+                        out_dtype: torch.dtype | None = None) -> Iterator[tuple[int, int, Tensor]]:
     """``merge_tensor`` as a stream: ``(start, end, values)`` of consecutive flat element ranges, bit-identical
     to the same range of ``merge_tensor``'s result, so a huge output never has to exist whole in memory.
 
     Whole-tensor statistics (top-k thresholds, SLERP norms) are computed before the first chunk; once a chunk is
-    yielded, no input element before its end is read again (callers may release those input pages)."""
+    yielded, no input element before its end is read again (callers may release those input pages). With
+    ``out_dtype``, chunks come rounded to it, bit-identical to ``values.to(out_dtype)``."""
     m, filled, filled_shared, ref, dtype = _prepare(method, base, tensors, params, shared, generator, compute_dtype)
     if ref.numel() == 0:
         return
     if m.chunks is None:  # no streaming form: one chunk
-        yield 0, ref.numel(), flat(m.fn(base, list(tensors), filled, filled_shared, generator, dtype))
+        out = flat(m.fn(base, list(tensors), filled, filled_shared, generator, dtype))
+        yield 0, ref.numel(), out if out_dtype is None else out.to(out_dtype)
         return
-    yield from m.chunks(base, list(tensors), filled, filled_shared, generator, dtype)
+    yield from m.chunks(base, list(tensors), filled, filled_shared, generator, dtype, out_dtype=out_dtype)
 
 
 def _prepare(method, base, tensors, params, shared, generator, compute_dtype):
@@ -161,9 +163,13 @@ def _prepare(method, base, tensors, params, shared, generator, compute_dtype):
                              f"but {ref_name} has shape {tuple(ref.shape)}")
     if m.stochastic and generator is None:
         raise ValueError(f"{m.name} is stochastic: pass a torch.Generator (set a seed) to merge_tensor")
-    wide = compute_dtype == torch.float64 or any(t.dtype == torch.float64 for _, t in inputs)
-    dtype = torch.float64 if wide else torch.float32
-    return m, filled, filled_shared, ref, dtype
+    return m, filled, filled_shared, ref, work_dtype([t for _, t in inputs], compute_dtype)
+
+
+def work_dtype(inputs: Sequence[Tensor], compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a merge computes in: float64 when asked for or when any input is float64, else float32."""
+    wide = compute_dtype == torch.float64 or any(t.dtype == torch.float64 for t in inputs)
+    return torch.float64 if wide else torch.float32
 
 
 def _collect(parts: Iterator[tuple[int, int, Tensor]], n: int, dtype: torch.dtype) -> Tensor:
@@ -176,11 +182,13 @@ def _collect(parts: Iterator[tuple[int, int, Tensor]], n: int, dtype: torch.dtyp
 
 # ----------------------------------------------------------------------------------- method kernels
 def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | None = None,
-         consensus: bool = False) -> Iterator[tuple[int, int, Tensor]]:
+         consensus: bool = False, out_dtype: torch.dtype | None = None) -> Iterator[tuple[int, int, Tensor]]:
     """Generalized task arithmetic: base + lambda * merge(weight_i * sparsify(model_i - base)).
 
     With `consensus` (TIES), signs are elected by the sum of weighted deltas and only agreeing entries
-    are summed; `normalize` divides by the sum of the (agreeing) weights, as mergekit does.
+    are summed; `normalize` divides by the sum of the (agreeing) weights, as mergekit does. Chunks are computed
+    in reused buffers (inputs converted straight into them, a weight of 1 not multiplied) and rounded to
+    `out_dtype` by the final add: the same operations, in the same order, as one fp32 expression per element.
     """
     b, ms = flat(base), [flat(t) for t in tensors]
     weights = [float(p["weight"]) for p in params]
@@ -198,17 +206,22 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | Non
         factors.append(w * scale)
     div = sum(weights)
     div = 1.0 if abs(div) < 1e-8 else div
+    size = min(b.numel(), chunk_size())
+    bbuf, dbufs = torch.empty(size, dtype=dtype), [torch.empty(size, dtype=dtype) for _ in ms]
+    abuf = torch.empty(size, dtype=dtype) if consensus else None
+    one = torch.ones((), dtype=dtype)
     for s, e in chunks(b.numel()):
-        bc = b[s:e].to(dtype)
+        bc = bbuf[: e - s].copy_(b[s:e])
         ds = []
-        for m, apply, f in zip(ms, applies, factors, strict=True):
-            d = torch.sub(m[s:e].to(dtype), bc)
-            ds.append((d if apply is None else apply(s, e, d)).mul_(f))
-        acc = ds[0].clone()
-        for d in ds[1:]:
-            acc.add_(d)
+        for m, apply, f, buf in zip(ms, applies, factors, dbufs, strict=True):
+            d = buf[: e - s].copy_(m[s:e]).sub_(bc)
+            d = d if apply is None else apply(s, e, d)
+            ds.append(d if f == 1 else d.mul_(f))  # x * 1 == x for every x
         if consensus:  # elect the sign of the summed weighted deltas (mergekit: sum >= 0 is positive)
-            sgn = torch.ones_like(acc).copysign_(acc)  # acc is -0.0 only where every delta is 0
+            acc = abuf[: e - s].copy_(ds[0]) if len(ds) == 1 else torch.add(ds[0], ds[1], out=abuf[: e - s])
+            for d in ds[2:]:
+                acc.add_(d)
+            sgn = torch.copysign(one, acc)  # acc is -0.0 only where every delta is 0
             wsum = torch.zeros_like(acc) if shared["normalize"] else None
             acc.zero_()
             for d, w in zip(ds, weights, strict=True):
@@ -218,11 +231,15 @@ def _gta(base, tensors, params, shared, gen, dtype, sparsifier: Sparsifier | Non
             acc.mul_(sgn)
             if wsum is not None:
                 acc.div_(wsum.add_(wsum == 0))  # mergekit: a zero divisor becomes 1
-        elif shared["normalize"]:
-            acc.div_(div)
+        else:
+            acc = ds[0]  # a buffer (or the sparsifier's fresh tensor) owned by this chunk
+            for d in ds[1:]:
+                acc.add_(d)
+            if shared["normalize"]:
+                acc.div_(div)
         if shared["lambda"] != 1:
             acc.mul_(shared["lambda"])
-        yield s, e, torch.add(bc, acc)
+        yield s, e, torch.add(bc, acc, out=torch.empty(e - s, dtype=out_dtype or dtype))
 
 
 def _linear(base, tensors, params, shared, gen, dtype) -> Tensor:
@@ -238,7 +255,7 @@ def _linear(base, tensors, params, shared, gen, dtype) -> Tensor:
     return out
 
 
-def _linear_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
+def _linear_chunks(base, tensors, params, shared, gen, dtype, out_dtype=None) -> Iterator[tuple[int, int, Tensor]]:
     """``_linear`` chunk by chunk (same per-element operations in the same order)."""
     weights = [float(p["weight"]) for p in params]
     if shared["normalize"] and sum(weights) == 0:
@@ -250,10 +267,10 @@ def _linear_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[
             out.add_(t[s:e], alpha=w)
         if shared["normalize"]:
             out.div_(sum(weights))
-        yield s, e, out
+        yield s, e, out if out_dtype is None else out.to(out_dtype)
 
 
-def _slerp_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
+def _slerp_chunks(base, tensors, params, shared, gen, dtype, out_dtype=None) -> Iterator[tuple[int, int, Tensor]]:
     """Spherical interpolation from base (t=0) to the model (t=1), whole tensor as one vector;
     linear interpolation when |cos| > 0.9995 (as mergekit 0.1.5)."""
     a, b, t = flat(base), flat(tensors[0]), float(shared["t"])
@@ -270,7 +287,8 @@ def _slerp_chunks(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[i
         theta = math.acos(cos)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
     for s, e in chunks(n):
-        yield s, e, torch.mul(a[s:e].to(dtype), ca).add_(b[s:e].to(dtype), alpha=cb)
+        out = torch.mul(a[s:e].to(dtype), ca).add_(b[s:e].to(dtype), alpha=cb)
+        yield s, e, out if out_dtype is None else out.to(out_dtype)
 
 
 def _slerp(base, tensors, params, shared, gen, dtype) -> Tensor:
@@ -293,8 +311,8 @@ class TaskArithmeticVariant:
 def register_task_arithmetic(v: TaskArithmeticVariant) -> MergeMethod:
     """Register one task-arithmetic-family method; stochasticity and extra parameters come from its sparsifier."""
 
-    def parts(base, tensors, params, shared, gen, dtype) -> Iterator[tuple[int, int, Tensor]]:
-        return _gta(base, tensors, params, shared, gen, dtype, v.sparsifier, v.consensus)
+    def parts(base, tensors, params, shared, gen, dtype, out_dtype=None) -> Iterator[tuple[int, int, Tensor]]:
+        return _gta(base, tensors, params, shared, gen, dtype, v.sparsifier, v.consensus, out_dtype)
 
     def fn(base, tensors, params, shared, gen, dtype) -> Tensor:
         return _collect(parts(base, tensors, params, shared, gen, dtype), base.numel(), dtype)

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .pages import release_mapped
 
-__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunks", "flat",
+__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunk_size", "chunks",
+           "flat",
            "topk_magnitude_mask"]
 
 _CHUNK = 1 << 20  # elements per work chunk (tests shrink it to exercise the multi-chunk paths)
@@ -32,6 +33,11 @@ _MARGIN = (5.0, 8)  # bracket half-width: sample-quantile sigmas + slack positio
 def _spans(n: int) -> range:
     """Start offsets of the work chunks of a flat tensor of ``n`` elements."""
     return range(0, n, _CHUNK)
+
+
+def chunk_size() -> int:
+    """Elements per work chunk (read per call, so tests can shrink it)."""
+    return _CHUNK
 
 
 def chunks(n: int) -> Iterator[tuple[int, int]]:
@@ -53,9 +59,15 @@ def _release(m: Tensor, b: Tensor | None, s: int = 0, e: int | None = None) -> N
         release_mapped(b, s, e)
 
 
-def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype) -> Tensor:
-    """A fresh chunk m[s:e] - b[s:e] in `dtype` (a copy of m[s:e] when there is no base)."""
-    return m[s:e].to(dtype, copy=True) if b is None else torch.sub(m[s:e].to(dtype), b[s:e].to(dtype))
+def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype, out: Tensor | None = None,
+           scratch: Tensor | None = None) -> Tensor:
+    """The chunk m[s:e] - b[s:e] in `dtype` (a copy of m[s:e] when there is no base): a fresh tensor, or computed
+    in the buffers ``out`` and ``scratch`` (as long as the chunk) when given; the same values either way."""
+    if out is None:
+        return m[s:e].to(dtype, copy=True) if b is None else torch.sub(m[s:e].to(dtype), b[s:e].to(dtype))
+    e = min(e, m.numel())
+    d = out[: e - s].copy_(m[s:e])
+    return d if b is None else d.sub_(scratch[: e - s].copy_(b[s:e]))
 
 
 class _TopK:
@@ -111,11 +123,13 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
             jobs[j] = (-math.inf, math.inf)
     out: list[_TopK | None] = [None] * len(ks)
     total, first = 0.0, want_l1
+    abuf = torch.empty(min(n, _CHUNK), dtype=dtype)  # |m - b| of a chunk, computed in place (as ``_delta``)
+    bbuf = torch.empty(min(n, _CHUNK), dtype=dtype) if b is not None else None
     while jobs or first:
         above, l1_above = dict.fromkeys(jobs, 0), dict.fromkeys(jobs, 0.0)
         vals, idxs, count = {j: [] for j in jobs}, {j: [] for j in jobs}, dict.fromkeys(jobs, 0)
         for s in _spans(n):
-            a = _delta(m, b, s, s + _CHUNK, dtype).abs_()
+            a = _delta(m, b, s, s + _CHUNK, dtype, abuf, bbuf).abs_()
             _release(m, b, s, s + _CHUNK)
             total += float(a.sum()) if first else 0.0
             for j, (lo, hi) in jobs.items():
