@@ -397,3 +397,51 @@ def test_inert_warnings_read_top_level_per_model_defaults():
     assert w == []
     w = inert_parameter_warnings("breadcrumbs", {"gamma": 0.05}, [{"weight": 1.0}])
     assert any("gamma is ignored" in x for x in w)
+
+
+# ------------------------------------------------------------------------------------------ packed masks
+def test_packed_mask_round_trips_uneven_appends_and_unaligned_reads():
+    n = 1001
+    ref = torch.rand(n, generator=gen(5)) < 0.4
+    mask = sparsify.PackedMask(n)
+    assert mask.bits.nbytes == (n + 7) // 8  # a bit per entry, not a byte
+    with pytest.raises(ValueError, match="before all 1001"):
+        mask.append(ref[:3]), mask[0:3]
+    for s, e in [(3, 253), (253, 261), (261, 1000), (1000, 1001)]:
+        mask.append(ref[s:e])
+    for s, e in [(0, 1001), (0, 1), (7, 9), (8, 16), (13, 700), (999, 1001), (500, 500)]:
+        assert torch.equal(mask[s:e], ref[s:e]), (s, e)
+    with pytest.raises(ValueError, match="1002 entries"):
+        mask.append(ref[:1])
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "magprune"])
+@pytest.mark.parametrize("shape", [(37, 53), (3000,), (4, 3, 5, 5), (1, 1)])
+def test_random_masks_equal_a_whole_tensor_draw(name, shape, small_chunks):
+    """DARE's and DELLA's chunked, bit-packed masks keep exactly the entries a whole-tensor draw keeps."""
+    m, b = rand(*shape, seed=1, dtype=torch.bfloat16), rand(*shape, seed=2, dtype=torch.bfloat16)
+    d, eps = 0.4, 0.1
+    x = m.float() - b.float()
+    g = gen(3)
+    if name == "bernoulli":
+        ref = torch.cat([torch.rand(min(257, x.numel() - s), generator=g) < d for s in range(0, x.numel(), 257)])
+    else:  # in-row magnitude ranks along dim 1, rows of at most 257 // cols per draw (as the chunked code)
+        moved = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
+        rows = moved.abs().reshape(-1, moved.shape[-1])
+        step, parts = max(1, 257 // rows.shape[1]), []
+        for r in range(0, rows.shape[0], step):
+            blk = rows[r : r + step]
+            c = blk.shape[1]
+            ranks = torch.arange(c, dtype=torch.float32) / (c - 1) if c > 1 else torch.full((1,), 0.5)
+            prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
+            parts.append(torch.bernoulli(prob * (2 * eps) + (d - eps), generator=g).bool())
+        ref = torch.cat(parts).reshape(moved.shape)
+        ref = (ref if x.dim() < 2 else ref.movedim(-1, 1)).reshape(-1)
+    apply, kept, total = getattr(sparsify, name)(m.reshape(-1), b.reshape(-1), {"density": d, "epsilon": eps},
+                                                 torch.float32, gen(3), torch.Size(shape), True)
+    flat_x = x.reshape(-1)
+    out = torch.cat([apply(s, e, flat_x[s:e].clone()) for s, e in [(0, 5), (5, 300), (300, flat_x.numel())]
+                     if s < flat_x.numel()])
+    assert torch.equal(out, flat_x * ref)
+    assert math.isclose(total, float(flat_x.abs().sum()), rel_tol=1e-5)
+    assert math.isclose(kept, float((flat_x.abs() * ref).sum()), rel_tol=1e-5)

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .pages import release_mapped
 
-__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "Sparsified", "Sparsifier", "chunk_size", "chunks",
+__all__ = ["BERNOULLI", "MAGNITUDE", "MAGPRUNE", "OUTLIERS", "Apply", "PackedMask", "Sparsified", "Sparsifier", "chunk_size", "chunks",
            "flat",
            "topk_magnitude_mask"]
 
@@ -71,42 +72,43 @@ def _delta(m: Tensor, b: Tensor | None, s: int, e: int, dtype: torch.dtype, out:
 
 
 class _TopK:
-    """Exact top-k of |x|: |x| >= tau, minus the first `excess` elements (index order) equal to tau
-    when more tie at tau than k allows; `drop` holds their indices when known, `l1` the kept L1 norm."""
+    """Exact top-k of |x|: |x| >= tau, minus the first `excess` elements (index order) equal to tau when more
+    tie at tau than k allows; `l1` is the kept L1 norm. Chunks must be asked for in order, once each: the excess
+    ties are dropped from the first chunks that hold them, so no index list is kept."""
 
-    def __init__(self, tau: float, dtype: torch.dtype, excess=0, l1=0.0, drop: Tensor | None = None):
-        self.tau, self.excess, self.l1, self.drop = tau, excess, l1, drop
-        self.exact = excess > 0 and tau != 0  # merging may keep extra zeros: they contribute nothing
+    def __init__(self, tau: float, dtype: torch.dtype, excess=0, l1=0.0):
+        self.tau, self.excess, self.l1 = tau, excess, l1
         down = torch.tensor([tau, -math.inf], dtype=dtype)
         self.lam = torch.nextafter(down[0], down[1]).item()  # in `dtype`: |x| > lam <=> |x| >= tau
 
-    def mask(self, a: Tensor) -> Tensor:
-        """Bool keep-mask for the next chunk of |x| (chunks must come in order, once)."""
-        keep = a >= self.tau
+    def _drop_excess(self, keep: Tensor, a: Tensor) -> None:
+        """Unselect (in place) the first of the remaining excess ties at tau in this chunk."""
         if self.excess > 0:
             eq = (a == self.tau).nonzero().squeeze(1)[: self.excess]
-            keep[eq] = False
+            keep[eq] = 0
             self.excess -= eq.numel()
+
+    def mask(self, a: Tensor) -> Tensor:
+        """Bool keep-mask for the next chunk of |x|."""
+        keep = a >= self.tau
+        self._drop_excess(keep, a)
         return keep
 
     def part(self, s: int, e: int, d: Tensor) -> Tensor:
-        """The chunk d = x[s:e] with unselected entries zeroed (a new tensor; chunks in order, once)."""
-        if self.exact and self.drop is None:
-            return d * self.mask(d.abs())
+        """The chunk d = x[s:e] with unselected entries zeroed (a new tensor)."""
         out = F.hardshrink(d, self.lam)
-        if self.exact and self.drop is not None:
-            i0, i1 = torch.searchsorted(self.drop, torch.tensor([s, e], dtype=self.drop.dtype)).tolist()
-            out[self.drop[i0:i1].long() - s] = 0
+        if self.excess > 0 and self.tau != 0:  # extra kept zeros contribute nothing
+            self._drop_excess(out, out.abs())
         return out
 
 
 def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, want_l1: bool
           ) -> tuple[list[_TopK], float]:
     """Select the k largest |m - b| for each k without sorting: bracket the threshold with order statistics
-    of a random sample, collect the (small) band between the brackets in one pass, kthvalue inside it.
-    Also returns |m - b|_1 when `want_l1` (else 0)."""
+    of a random sample, count the distinct values of the band between the brackets in one pass, and walk those
+    counts down to the k-th value. Counting distinct values keeps memory small even when a band is dense with
+    ties (deltas of bf16 weights take few distinct values). Also returns |m - b|_1 when `want_l1` (else 0)."""
     n = m.numel()
-    itype = torch.int32 if n < 2**31 else torch.int64
     jobs: dict[int, tuple[float, float]] = {}
     if n > _CHUNK:  # sample with a private generator: deterministic, and the caller's RNG is untouched
         idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
@@ -127,7 +129,7 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
     bbuf = torch.empty(min(n, _CHUNK), dtype=dtype) if b is not None else None
     while jobs or first:
         above, l1_above = dict.fromkeys(jobs, 0), dict.fromkeys(jobs, 0.0)
-        vals, idxs, count = {j: [] for j in jobs}, {j: [] for j in jobs}, dict.fromkeys(jobs, 0)
+        seen: dict[int, list[tuple[Tensor, Tensor]]] = {j: [] for j in jobs}  # (distinct values, counts)
         for s in _spans(n):
             a = _delta(m, b, s, s + _CHUNK, dtype, abuf, bbuf).abs_()
             _release(m, b, s, s + _CHUNK)
@@ -136,33 +138,35 @@ def _topk(m: Tensor, b: Tensor | None, ks: Sequence[int], dtype: torch.dtype, wa
                 gt = a > hi
                 above[j] += int(torch.count_nonzero(gt))
                 l1_above[j] += float(F.hardshrink(a, hi).sum()) if want_l1 else 0.0
-                band = (a >= lo).logical_and_(gt.logical_not_())
-                if lo == hi:  # every band value equals lo: counting is enough
-                    count[j] += int(torch.count_nonzero(band))
-                else:
-                    at = band.nonzero().squeeze(1)
-                    vals[j].append(a[at])
-                    idxs[j].append(at.add_(s).to(itype))
+                seen[j].append(torch.unique(a[(a >= lo).logical_and_(gt.logical_not_())], return_counts=True))
         first = False
         for j, (lo, hi) in list(jobs.items()):
-            band = torch.cat(vals.pop(j)) if lo != hi else torch.full((count[j],), lo, dtype=dtype)
+            vals, counts = _merge_counts(seen.pop(j))  # descending values
             r = ks[j] - above[j]  # how many to take from the band
             if r <= 0:  # the sample misplaced the bracket (rare): retry on the side that holds tau
                 jobs[j] = (hi, math.inf)
-            elif r > band.numel():
+            elif r > int(counts.sum()):
                 jobs[j] = (-math.inf, lo)
             else:
-                tau = torch.kthvalue(band, band.numel() - r + 1).values
-                gt, eq = band > tau, band == tau
-                ties = r - int(torch.count_nonzero(gt))  # elements equal to tau that belong to the top k
-                excess = int(torch.count_nonzero(eq)) - ties
-                drop = torch.cat(idxs[j])[eq][:excess] if lo != hi and tau != 0 else None
-                l1 = l1_above[j] + float(band[gt].sum()) + ties * tau.item() if want_l1 else 0.0
-                out[j] = _TopK(tau.item(), dtype, excess, l1, drop)
+                cum = counts.cumsum(0)
+                i = int(torch.searchsorted(cum, r))  # the first distinct value whose cumulative count reaches r
+                tau, n_gt = vals[i].item(), (int(cum[i - 1]) if i else 0)
+                ties = r - n_gt  # elements equal to tau that belong to the top k
+                l1 = (l1_above[j] + float((vals[:i].double() * counts[:i]).sum()) + ties * tau) if want_l1 else 0.0
+                out[j] = _TopK(tau, dtype, int(counts[i]) - ties, l1)
                 del jobs[j]
     sels = [o if o is not None else _TopK(math.inf, dtype) if k <= 0 else _TopK(-1.0, dtype, 0, total)
             for o, k in zip(out, ks, strict=True)]
     return sels, total
+
+
+def _merge_counts(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Distinct values (descending) and their total counts, from per-chunk ``torch.unique`` results."""
+    if not parts:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    v, inv = torch.unique(torch.cat([p[0] for p in parts]), return_inverse=True)
+    c = torch.zeros(v.numel(), dtype=torch.long).index_add_(0, inv, torch.cat([p[1] for p in parts]))
+    return v.flip(0), c.flip(0)
 
 
 def topk_magnitude_mask(x: Tensor, k: int) -> Tensor:
@@ -207,33 +211,80 @@ def bernoulli(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, ge
               shape: torch.Size, want_l1: bool) -> Sparsified:
     """DARE pruning: keep each entry independently with probability density (mask from `gen`)."""
     n, d = m.numel(), p["density"]
-    mask = torch.empty(n, dtype=torch.bool)
+    mask = PackedMask(n)
     for s in _spans(n):
-        torch.lt(torch.rand(min(_CHUNK, n - s), generator=gen, dtype=dtype), d, out=mask[s : s + _CHUNK])
+        mask.append(torch.rand(min(_CHUNK, n - s), generator=gen, dtype=dtype) < d)
     return _masked_keep(m, b, mask, dtype, want_l1)
 
 
 def magprune(m: Tensor, b: Tensor, p: Mapping[str, Any], dtype: torch.dtype, gen: torch.Generator | None,
              shape: torch.Size, want_l1: bool) -> Sparsified:
     """DELLA pruning: keep probability rises linearly, density-eps to density+eps, with the magnitude
-    rank along dim 1 (1-D tensors: one row), like mergekit; a single column gets probability density."""
+    rank along dim 1 (1-D tensors: one row), like mergekit; a single column gets probability density.
+    Rows of a 1-D or 2-D tensor are contiguous, so their deltas are computed a block of rows at a time."""
     d, eps = p["density"], p["epsilon"]
-    x = torch.sub(m.to(dtype), b.to(dtype)).reshape(shape)
-    moved = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)  # rank along the last axis
-    cols = moved.shape[-1]
-    rows = moved.abs().reshape(-1, cols)
-    ranks = torch.arange(cols, dtype=dtype).div_(cols - 1) if cols > 1 else torch.full((1,), 0.5, dtype=dtype)
-    mask = torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, _CHUNK // cols)
-    for r in range(0, rows.shape[0], step):
-        blk = rows[r : r + step]
-        prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
-        mask[r : r + step] = torch.bernoulli(prob.mul_(2 * eps).add_(d - eps), generator=gen).bool()
-    mask = mask.reshape(moved.shape) if x.dim() < 2 else mask.reshape(moved.shape).movedim(-1, 1)
-    return _masked_keep(flat(x), None, mask.reshape(-1), dtype, want_l1)
+    if len(shape) <= 2:
+        cols = shape[-1] if len(shape) == 2 else m.numel()
+        n_rows = m.numel() // max(cols, 1)
+        mask = PackedMask(m.numel())
+        step = max(1, _CHUNK // max(cols, 1))
+        for r in range(0, n_rows, step):
+            s, e = r * cols, min(r + step, n_rows) * cols
+            blk = _delta(m, b, s, e, dtype).abs_().reshape(-1, cols)
+            _release(m, b, s, e)
+            mask.append(_magprune_rows(blk, d, eps, gen).reshape(-1))
+        return _masked_keep(m, b, mask, dtype, want_l1)
+    x = torch.sub(m.to(dtype), b.to(dtype)).reshape(shape)  # small (conv kernels): rank along a strided axis
+    moved = x.movedim(1, -1)
+    rows = moved.abs().reshape(-1, moved.shape[-1])
+    step = max(1, _CHUNK // rows.shape[1])
+    mask = torch.cat([_magprune_rows(rows[r : r + step], d, eps, gen) for r in range(0, rows.shape[0], step)])
+    packed = PackedMask(x.numel())
+    packed.append(mask.reshape(moved.shape).movedim(-1, 1).reshape(-1))
+    return _masked_keep(flat(x), None, packed, dtype, want_l1)
 
 
-def _masked_keep(m: Tensor, b: Tensor | None, mask: Tensor, dtype: torch.dtype, want_l1: bool) -> Sparsified:
+def _magprune_rows(blk: Tensor, d: float, eps: float, gen: torch.Generator | None) -> Tensor:
+    """DELLA's keep-mask of a block of rows of |delta|: Bernoulli with probability linear in the in-row rank."""
+    cols = blk.shape[1]
+    ranks = torch.arange(cols, dtype=blk.dtype).div_(cols - 1) if cols > 1 else torch.full((1,), 0.5, dtype=blk.dtype)
+    prob = torch.empty_like(blk).scatter_(1, blk.argsort(dim=1), ranks.expand_as(blk))
+    return torch.bernoulli(prob.mul_(2 * eps).add_(d - eps), generator=gen).bool()
+
+
+class PackedMask:
+    """A bool mask of ``n`` entries stored as bits (n/8 bytes), written in order and read by ranges: a random
+    mask per model (DARE, DELLA) must live until the merge has consumed every chunk of the tensor, and as bools
+    it would cost a byte per element (311 MB per model for a 3B vocabulary's embedding)."""
+
+    def __init__(self, n: int):
+        self.n, self.filled = n, 0
+        self.bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        self._tail = np.zeros(0, dtype=bool)  # the last < 8 appended entries, not yet a whole byte
+
+    def append(self, chunk: Tensor) -> None:
+        """Add the next entries (a 1-D bool tensor)."""
+        v = chunk.numpy() if not len(self._tail) else np.concatenate([self._tail, chunk.numpy()])
+        start = self.filled - len(self._tail)  # a multiple of 8
+        whole = len(v) // 8 * 8
+        self.bits[start // 8 : (start + whole) // 8] = np.packbits(v[:whole], bitorder="little")
+        self._tail = v[whole:].copy()
+        self.filled = start + len(v)
+        if self.filled == self.n and len(self._tail):
+            self.bits[-1] = np.packbits(self._tail, bitorder="little")[0]
+        if self.filled > self.n:
+            raise ValueError(f"PackedMask: {self.filled} entries appended to a mask of {self.n}")
+
+    def __getitem__(self, sl: slice) -> Tensor:
+        """Entries ``[start, stop)`` as a bool tensor."""
+        s, e, _ = sl.indices(self.n)
+        if self.filled < self.n:
+            raise ValueError(f"PackedMask: read before all {self.n} entries were appended ({self.filled})")
+        v = np.unpackbits(self.bits[s // 8 : (e + 7) // 8], bitorder="little")[s % 8 : s % 8 + max(e - s, 0)]
+        return torch.from_numpy(v.view(bool))
+
+
+def _masked_keep(m: Tensor, b: Tensor | None, mask: PackedMask, dtype: torch.dtype, want_l1: bool) -> Sparsified:
     """Keep the entries of ``m - b`` where ``mask`` is true; L1 norms of kept and whole when asked."""
     kept = total = 0.0
     for s in _spans(m.numel()) if want_l1 else ():
