@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
 from ..files import atomic_output_dir, check_not_overlapping
+from ..threads import pinned_threads, usable_cores
 from . import methods as M
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 WRITES_IN_FLIGHT = 4  # output chunks queued for the writer thread (a few MB): smooths bursts of slow writes
 STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
+CACHE_SHARE = 0.5  # a build whose inputs and output exceed this share of the available memory keeps them out of the
+# page cache as it goes (consumed inputs dropped, the output dropped once written back): else the kernel must reclaim
+# the cache under pressure, on the cores the merge runs on
+IO_CORES = 2  # cores ``build`` leaves to its reader and writer threads and the kernel's I/O (page faults, writeback)
 
 
 class MergeExecutor:
@@ -359,6 +365,13 @@ def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first:
     w.append(part)
 
 
+def _math_threads() -> int:
+    """Torch threads for the merge math in ``build``: the cores left after ``IO_CORES`` (at least one, at most the
+    current count). Element-wise math is chunk-sized work: spread over threads that must wait for the cores the
+    reader, the writer and the kernel's I/O are using, it runs up to 10x slower than on one thread."""
+    return max(1, min(torch.get_num_threads(), len(usable_cores()) - IO_CORES))
+
+
 def build(
     recipe: Recipe | str | Path | dict,
     out_dir: str | Path,
@@ -389,17 +402,18 @@ def build(
     executor = MergeExecutor(plan)
     shards = plan_shards(plan.specs, max_shard_size)
     total = sum(s.nbytes for s in plan.specs.values())
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force) as tmp, pinned_threads(_math_threads()):
         done = 0
         # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL), and a reader
         # thread has the kernel read the inputs of the next tensors meanwhile; the bar is closed (its line ended)
         # before any error is printed
         order = [n for names in shards.values() for n in names]
+        ahead = executor.prefetcher(order)
+        ahead.drop = drop = ahead.nbytes + total > CACHE_SHARE * psutil.virtual_memory().available
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})",
-                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, \
-                executor.prefetcher(order) as ahead:
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, ahead:
             for fname, names in shards.items():
-                w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
+                w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"}, drop=drop)
                 pending: deque = deque()  # writes in flight, oldest first (the one writer runs them in order)
                 for n in names:
                     spec = plan.specs[n]
@@ -413,6 +427,7 @@ def build(
                         made += t.numel()
                         ahead.at(done, made / max(numel, 1))
                         del t
+                    ahead.done(done)
                     done += 1
                     bar.update(plan.specs[n].nbytes)
                     bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")
