@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
 from .pages import Prefetcher, mapped_inputs, release
+from .reader import DirectReader, Source
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -51,6 +52,7 @@ class MergeExecutor:
         self.plan = plan
         self.track_ancestry = track_ancestry
         self._ancestry: dict[str, list[float]] = {}  # input name -> sampled ‖τ‖/‖θ_base‖ per weight matrix
+        self.reader: DirectReader | None = None  # set (by ``build``): element-wise merges read through it
 
     # ---- per-tensor merge -------------------------------------------------------------------------------------
     def _generator(self, canon: str) -> torch.Generator | None:
@@ -191,7 +193,8 @@ class MergeExecutor:
                 _check_inputs_finite(p.key, [src_t])
                 if release_inputs and src_t[0].ckpt.mapped:
                     release(src_t[1].reshape(-1))
-        if self.track_ancestry:
+        direct = self._direct_sources(name)
+        if self.track_ancestry and direct is None:  # a direct read samples the windows as they pass
             self._track_ancestor(p.key, base, srcs, tensors)
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
             s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
@@ -199,6 +202,9 @@ class MergeExecutor:
         if release_inputs:  # the finiteness and ancestry checks above read every page once: give them back
             for t in ins:
                 release(t.reshape(-1))
+        if direct is not None:
+            yield from self._stream_direct(name, p, spec, direct, inputs, srcs, base)
+            return
         with mapped_inputs(ins if release_inputs else []):
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
@@ -225,6 +231,59 @@ class MergeExecutor:
                 for t in ins:
                     release(t.reshape(-1), done, e)
             done = e
+
+    def _direct_sources(self, name: str) -> tuple[Source | None, list[Source]] | None:
+        """The file ranges (base, models) that ``_stream_direct`` reads for output ``name``, or None when it goes through
+        the memory-mapped inputs: no ``reader``, not a plain streamed merge of an element-wise method, a layer the
+        LVLM keeps, or an input without a file range (pickle weights)."""
+        plan = self.plan
+        p = plan.producers[name]
+        if (self.reader is None or p.kind != "merge" or not plan.method.elementwise
+                or math.prod(plan.specs[name].shape) <= STREAM_MIN or swap_keeps(plan.recipe.layer_swap, p.key)):
+            return None
+        base_key = plan.base.ckpt.text_key(p.key) if plan.base else None
+        keys = {s.name: s.ckpt.text_key(p.key) for s in plan.models}
+        srcs = [s for s in plan.models if keys[s.name] is not None or base_key is not None]
+        locs = [plan.base.ckpt.location(base_key) if base_key is not None else None]
+        locs += [s.ckpt.location(keys[s.name]) if keys[s.name] is not None else locs[0] for s in srcs]
+        dtypes = [plan.base.ckpt.dtype(base_key) if base_key is not None else None]
+        dtypes += [s.ckpt.dtype(keys[s.name]) if keys[s.name] is not None else dtypes[0] for s in srcs]
+        if any(loc is None for loc in locs[1:]) or (base_key is not None and locs[0] is None):
+            return None
+        out = [(loc[0], loc[1], loc[2], d) if loc is not None else None for loc, d in zip(locs, dtypes, strict=True)]
+        return out[0], out[1:]
+
+    def _stream_direct(self, name: str, p: Producer, spec: TensorSpec, sources, inputs, srcs, base_t
+                       ) -> Iterator[torch.Tensor]:
+        """``_stream`` for an element-wise method, reading the inputs window by window (``reader.DirectReader``)
+        instead of faulting their memory-mapped pages: each window merges to the same output window. The ancestry
+        sample (``_track_ancestor``) is cut from the windows as they pass."""
+        base_src, model_srcs = sources
+        assert self.reader is not None
+        flat = ([base_src] if base_src is not None else []) + model_srcs
+        numel = math.prod(spec.shape)
+        track = self.track_ancestry and base_t is not None and base_t.dim() >= 2 and not p.key.startswith(
+            ("embed_tokens", "lm_head"))
+        runs = _sample_spans(numel) if track else []
+        pieces: list[list[torch.Tensor]] = [[] for _ in flat]
+        for ws, we, views in self.reader.windows(flat, numel):
+            for a, b in runs:
+                if a < we and b > ws:
+                    for part, v in zip(pieces, views, strict=True):
+                        part.append(v[max(a, ws) - ws : min(b, we) - ws].float())
+            base, tensors = (views[0], views[1:]) if base_src is not None else (None, views)
+            for _, _, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
+                if out.is_floating_point() and not math.isfinite(float(out.sum())) and \
+                        not bool(torch.isfinite(out).all()):
+                    _check_inputs_finite(p.key, inputs)
+                    raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+                if any(out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for v in views):
+                    out = out.clone()  # never hand the writer a view of a buffer the reader refills
+                yield out
+        if track:
+            own = [src != base_src for src in model_srcs]  # a model lacking the tensor reads the base's
+            self._record_ancestry(torch.cat(pieces[0]), [s for s, o in zip(srcs, own, strict=True) if o],
+                                  [torch.cat(ps) for ps, o in zip(pieces[1:], own, strict=True) if o])
 
     def _whole(self, name: str, p: Producer, release_inputs: bool) -> Iterator[torch.Tensor]:
         """The non-streaming path of ``produce_chunks``: one chunk."""
@@ -255,8 +314,10 @@ class MergeExecutor:
     def prefetcher(self, names: list[str]) -> Prefetcher:
         """A ``pages.Prefetcher`` over the inputs of ``names`` (in production order): step i is ``names[i]``."""
         steps = []
-        for n in names:
-            locs = [src.ckpt.location(key) for src, key in self._input_keys(self.plan.producers[n])]
+        for n in names:  # inputs read directly bypass the page cache: nothing to ask for
+            p = self.plan.producers[n]
+            locs = [] if self._direct_sources(n) is not None else [src.ckpt.location(key) for src, key in
+                                                                   self._input_keys(p)]
             steps.append([loc for loc in locs if loc is not None])
         return Prefetcher(steps)
 
@@ -300,25 +361,35 @@ class MergeExecutor:
         runs of 1024, so a sample reads ~64 pages of a memory-mapped input, not all of them)."""
         if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
             return
-        bs = _sample(base)
-        bn = float(bs.norm())
-        for s, t in zip(srcs, tensors):
-            if t.shape == base.shape and t is not base and bn > 0:
-                self._ancestry.setdefault(s.name, []).append(float((_sample(t) - bs).norm()) / bn)
+        own = [t.shape == base.shape and t is not base for t in tensors]
+        self._record_ancestry(_sample(base), [s for s, o in zip(srcs, own, strict=True) if o],
+                              [_sample(t) for t, o in zip(tensors, own, strict=True) if o])
+
+    def _record_ancestry(self, base_sample: torch.Tensor, srcs, samples: list[torch.Tensor]) -> None:
+        """Add ‖τ‖/‖θ_base‖ of one weight matrix, from same-position float32 samples, for each model in ``srcs``."""
+        bn = float(base_sample.norm())
+        for s, smp in zip(srcs, samples, strict=True):
+            if bn > 0:
+                self._ancestry.setdefault(s.name, []).append(float((smp - base_sample).norm()) / bn)
 
     def ancestor_report(self) -> dict[str, float]:
         """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
         return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
 
 
-def _sample(t: torch.Tensor, runs: int = 64, run: int = 1024) -> torch.Tensor:
-    """Up to ``runs * run`` elements of ``t`` in float32: all of a small tensor, else ``runs`` evenly spaced runs."""
-    f = t.reshape(-1)
-    n = f.numel()
+def _sample_spans(n: int, runs: int = 64, run: int = 1024) -> list[tuple[int, int]]:
+    """The element ranges ``_sample`` takes from an ``n``-element tensor: all of it when small, else ``runs``
+    evenly spaced runs of ``run``."""
     if n <= runs * run:
-        return f.float()
+        return [(0, n)]
     step = (n - run) // (runs - 1)
-    return torch.cat([f[i * step : i * step + run] for i in range(runs)]).float()
+    return [(i * step, i * step + run) for i in range(runs)]
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` at ``_sample_spans`` in float32."""
+    f = t.reshape(-1)
+    return torch.cat([f[a:b] for a, b in _sample_spans(f.numel())]).float()
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
@@ -402,7 +473,8 @@ def build(
     executor = MergeExecutor(plan)
     shards = plan_shards(plan.specs, max_shard_size)
     total = sum(s.nbytes for s in plan.specs.values())
-    with atomic_output_dir(out_dir, force=force) as tmp, pinned_threads(_math_threads()):
+    with atomic_output_dir(out_dir, force=force) as tmp, pinned_threads(_math_threads()), DirectReader() as reader:
+        executor.reader = reader
         done = 0
         # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL), and a reader
         # thread has the kernel read the inputs of the next tensors meanwhile; the bar is closed (its line ended)
