@@ -426,14 +426,17 @@ def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
             )
 
 
-def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first: bool) -> None:
-    """Write one chunk of ``produce_chunks``: a whole tensor in one ``write``, a streamed one in ``append``s."""
+def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first: bool, mapped: bool) -> None:
+    """Write one chunk of ``produce_chunks``: a whole tensor in one ``write``, a streamed one in ``append``s. A
+    ``mapped`` chunk views a memory-mapped input (a copied tensor): its pages are given back once written."""
     if first and part.numel() == math.prod(spec.shape):
         w.write(name, part.reshape(spec.shape))
-        return
-    if first:
-        w.begin(name)
-    w.append(part)
+    else:
+        if first:
+            w.begin(name)
+        w.append(part)
+    if mapped:
+        release(part.reshape(-1))
 
 
 def _math_threads() -> int:
@@ -491,10 +494,12 @@ def build(
                     spec = plan.specs[n]
                     first, numel, made = True, math.prod(spec.shape), 0
                     ahead.at(done)  # ``done`` tensors so far: this is step ``done`` of ``order``
+                    views = {t.untyped_storage().data_ptr() for t in executor._mapped_inputs(plan.producers[n])}
                     for t in executor.produce_chunks(n, release_inputs=True):
                         while len(pending) >= WRITES_IN_FLIGHT:
                             pending.popleft().result()
-                        pending.append(io.submit(_put, w, n, spec, t, first))
+                        mapped = t.untyped_storage().data_ptr() in views  # released before the writer read it
+                        pending.append(io.submit(_put, w, n, spec, t, first, mapped))
                         first = False
                         made += t.numel()
                         ahead.at(done, made / max(numel, 1))

@@ -31,8 +31,8 @@ Source = tuple[Path, int, int, torch.dtype]  # a file, its tensor's data byte ra
 class DirectReader:
     """Reads windows of several inputs of one merge, reusing its buffers and open files across tensors; close it."""
 
-    def __init__(self, window_bytes: int = WINDOW_BYTES, direct: bool = True):
-        self.window_bytes = window_bytes
+    def __init__(self, window_bytes: int | None = None, direct: bool = True):
+        self.window_bytes = window_bytes or WINDOW_BYTES
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._fds: dict[tuple[Path, bool], int | None] = {}  # (file, direct) -> fd (None: direct I/O refused)
         self._lock = threading.Lock()  # the pool's threads open files
