@@ -2,7 +2,9 @@
 
 Tensors are read lazily from the inputs, merged one at a time and appended to pre-planned shards, so peak
 memory is bounded by a few copies of the largest tensor, not by model size. ``build`` (streamed to disk) and the
-in-memory sweep (merge/inmemory.py) both compute every tensor through ``MergeExecutor.produce``.
+in-memory sweep (merge/inmemory.py) both compute every tensor through ``MergeExecutor.produce``. In ``build``,
+element-wise methods read their inputs window by window with direct I/O (merge/reader.py), other inputs are
+memory-mapped and read ahead (merge/pages.py), and the math runs on the cores the I/O threads leave free.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_output_dir, check_not_overlapping
 from ..threads import pinned_threads, usable_cores
 from . import methods as M
+from .ancestry import ANCESTOR_WARN_RATIO, Ancestry, sample, sample_spans, tracked
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
@@ -35,7 +38,6 @@ from .writer import ShardWriter, TensorSpec, plan_shards, write_index
 __all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
 
 log = logging.getLogger(__name__)
-ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 WRITES_IN_FLIGHT = 4  # output chunks queued for the writer thread (a few MB): smooths bursts of slow writes
 STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
 CACHE_SHARE = 0.5  # a build whose inputs and output exceed this share of the available memory keeps them out of the
@@ -51,7 +53,7 @@ class MergeExecutor:
     def __init__(self, plan: MergePlan, *, track_ancestry: bool = True):
         self.plan = plan
         self.track_ancestry = track_ancestry
-        self._ancestry: dict[str, list[float]] = {}  # input name -> sampled ‖τ‖/‖θ_base‖ per weight matrix
+        self._ancestry = Ancestry()
         self.reader: DirectReader | None = None  # set (by ``build``): element-wise merges read through it
 
     # ---- per-tensor merge -------------------------------------------------------------------------------------
@@ -262,9 +264,8 @@ class MergeExecutor:
         assert self.reader is not None
         flat = ([base_src] if base_src is not None else []) + model_srcs
         numel = math.prod(spec.shape)
-        track = self.track_ancestry and base_t is not None and base_t.dim() >= 2 and not p.key.startswith(
-            ("embed_tokens", "lm_head"))
-        runs = _sample_spans(numel) if track else []
+        track = self.track_ancestry and tracked(p.key, base_t)
+        runs = sample_spans(numel) if track else []
         pieces: list[list[torch.Tensor]] = [[] for _ in flat]
         for ws, we, views in self.reader.windows(flat, numel):
             for a, b in runs:
@@ -282,7 +283,7 @@ class MergeExecutor:
                 yield out
         if track:
             own = [src != base_src for src in model_srcs]  # a model lacking the tensor reads the base's
-            self._record_ancestry(torch.cat(pieces[0]), [s for s, o in zip(srcs, own, strict=True) if o],
+            self._ancestry.record(torch.cat(pieces[0]), [s for s, o in zip(srcs, own, strict=True) if o],
                                   [torch.cat(ps) for ps, o in zip(pieces[1:], own, strict=True) if o])
 
     def _whole(self, name: str, p: Producer, release_inputs: bool) -> Iterator[torch.Tensor]:
@@ -357,39 +358,16 @@ class MergeExecutor:
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
     def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:
-        """Record the sampled relative task-vector size of each weight matrix (≤ 64k elements: 64 evenly spaced
-        runs of 1024, so a sample reads ~64 pages of a memory-mapped input, not all of them)."""
-        if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
+        """Record the sampled relative task-vector size of a weight matrix (``ancestry.sample``)."""
+        if not tracked(canon, base):
             return
         own = [t.shape == base.shape and t is not base for t in tensors]
-        self._record_ancestry(_sample(base), [s for s, o in zip(srcs, own, strict=True) if o],
-                              [_sample(t) for t, o in zip(tensors, own, strict=True) if o])
-
-    def _record_ancestry(self, base_sample: torch.Tensor, srcs, samples: list[torch.Tensor]) -> None:
-        """Add ‖τ‖/‖θ_base‖ of one weight matrix, from same-position float32 samples, for each model in ``srcs``."""
-        bn = float(base_sample.norm())
-        for s, smp in zip(srcs, samples, strict=True):
-            if bn > 0:
-                self._ancestry.setdefault(s.name, []).append(float((smp - base_sample).norm()) / bn)
+        self._ancestry.record(sample(base), [s for s, o in zip(srcs, own, strict=True) if o],
+                              [sample(t) for t, o in zip(tensors, own, strict=True) if o])
 
     def ancestor_report(self) -> dict[str, float]:
         """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
-        return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
-
-
-def _sample_spans(n: int, runs: int = 64, run: int = 1024) -> list[tuple[int, int]]:
-    """The element ranges ``_sample`` takes from an ``n``-element tensor: all of it when small, else ``runs``
-    evenly spaced runs of ``run``."""
-    if n <= runs * run:
-        return [(0, n)]
-    step = (n - run) // (runs - 1)
-    return [(i * step, i * step + run) for i in range(runs)]
-
-
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """The elements of ``t`` at ``_sample_spans`` in float32."""
-    f = t.reshape(-1)
-    return torch.cat([f[a:b] for a, b in _sample_spans(f.numel())]).float()
+        return self._ancestry.report()
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
