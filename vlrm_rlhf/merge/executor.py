@@ -2,7 +2,9 @@
 
 Tensors are read lazily from the inputs, merged one at a time and appended to pre-planned shards, so peak
 memory is bounded by a few copies of the largest tensor, not by model size. ``build`` (streamed to disk) and the
-in-memory sweep (merge/inmemory.py) both compute every tensor through ``MergeExecutor.produce``.
+in-memory sweep (merge/inmemory.py) both compute every tensor through ``MergeExecutor.produce``. In ``build``,
+element-wise methods read their inputs window by window with direct I/O (merge/reader.py), other inputs are
+memory-mapped and read ahead (merge/pages.py), and the math runs on the cores the I/O threads leave free.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
 from ..files import atomic_output_dir, check_not_overlapping
+from ..threads import pinned_threads, usable_cores
 from . import methods as M
+from .ancestry import ANCESTOR_WARN_RATIO, Ancestry, sample, sample_spans, tracked
 from .checkpoint import CheckpointError
 from .embeddings import gather_rows
 from .engine import MergeError, MergePlan, Producer
 from .pages import Prefetcher, mapped_inputs, release
+from .reader import DirectReader, Source
 from .recipe import Recipe, parse_recipe
 from .schedules import swap_keeps
 from .writer import ShardWriter, TensorSpec, plan_shards, write_index
@@ -32,9 +38,12 @@ from .writer import ShardWriter, TensorSpec, plan_shards, write_index
 __all__ = ["ANCESTOR_WARN_RATIO", "MergeExecutor", "build"]
 
 log = logging.getLogger(__name__)
-ANCESTOR_WARN_RATIO = 0.5  # ‖τ‖/‖θ_base‖ above this: the base is probably not the models' common ancestor
 WRITES_IN_FLIGHT = 4  # output chunks queued for the writer thread (a few MB): smooths bursts of slow writes
 STREAM_MIN = 1 << 22  # elements: larger outputs are produced in chunks (``produce_chunks``); tests shrink it
+CACHE_SHARE = 0.5  # a build whose inputs and output exceed this share of the available memory keeps them out of the
+# page cache as it goes (consumed inputs dropped, the output dropped once written back): else the kernel must reclaim
+# the cache under pressure, on the cores the merge runs on
+IO_CORES = 2  # cores ``build`` leaves to its reader and writer threads and the kernel's I/O (page faults, writeback)
 
 
 class MergeExecutor:
@@ -44,7 +53,8 @@ class MergeExecutor:
     def __init__(self, plan: MergePlan, *, track_ancestry: bool = True):
         self.plan = plan
         self.track_ancestry = track_ancestry
-        self._ancestry: dict[str, list[float]] = {}  # input name -> sampled ‖τ‖/‖θ_base‖ per weight matrix
+        self._ancestry = Ancestry()
+        self.reader: DirectReader | None = None  # set (by ``build``): element-wise merges read through it
 
     # ---- per-tensor merge -------------------------------------------------------------------------------------
     def _generator(self, canon: str) -> torch.Generator | None:
@@ -185,7 +195,8 @@ class MergeExecutor:
                 _check_inputs_finite(p.key, [src_t])
                 if release_inputs and src_t[0].ckpt.mapped:
                     release(src_t[1].reshape(-1))
-        if self.track_ancestry:
+        direct = self._direct_sources(name)
+        if self.track_ancestry and direct is None:  # a direct read samples the windows as they pass
             self._track_ancestor(p.key, base, srcs, tensors)
         mapped = ([plan.base.ckpt.mapped] if base is not None else []) + [
             s.ckpt.mapped if keys[s.name] is not None else plan.base.ckpt.mapped for s in srcs]
@@ -193,6 +204,9 @@ class MergeExecutor:
         if release_inputs:  # the finiteness and ancestry checks above read every page once: give them back
             for t in ins:
                 release(t.reshape(-1))
+        if direct is not None:
+            yield from self._stream_direct(name, p, spec, direct, inputs, srcs, base)
+            return
         with mapped_inputs(ins if release_inputs else []):
             yield from self._stream(name, p, spec, base, tensors, inputs, ins, release_inputs)
         if tail is not None and tail[1] > 0:
@@ -219,6 +233,58 @@ class MergeExecutor:
                 for t in ins:
                     release(t.reshape(-1), done, e)
             done = e
+
+    def _direct_sources(self, name: str) -> tuple[Source | None, list[Source]] | None:
+        """The file ranges (base, models) that ``_stream_direct`` reads for output ``name``, or None when it goes through
+        the memory-mapped inputs: no ``reader``, not a plain streamed merge of an element-wise method, a layer the
+        LVLM keeps, or an input without a file range (pickle weights)."""
+        plan = self.plan
+        p = plan.producers[name]
+        if (self.reader is None or p.kind != "merge" or not plan.method.elementwise
+                or math.prod(plan.specs[name].shape) <= STREAM_MIN or swap_keeps(plan.recipe.layer_swap, p.key)):
+            return None
+        base_key = plan.base.ckpt.text_key(p.key) if plan.base else None
+        keys = {s.name: s.ckpt.text_key(p.key) for s in plan.models}
+        srcs = [s for s in plan.models if keys[s.name] is not None or base_key is not None]
+        locs = [plan.base.ckpt.location(base_key) if base_key is not None else None]
+        locs += [s.ckpt.location(keys[s.name]) if keys[s.name] is not None else locs[0] for s in srcs]
+        dtypes = [plan.base.ckpt.dtype(base_key) if base_key is not None else None]
+        dtypes += [s.ckpt.dtype(keys[s.name]) if keys[s.name] is not None else dtypes[0] for s in srcs]
+        if any(loc is None for loc in locs[1:]) or (base_key is not None and locs[0] is None):
+            return None
+        out = [(loc[0], loc[1], loc[2], d) if loc is not None else None for loc, d in zip(locs, dtypes, strict=True)]
+        return out[0], out[1:]
+
+    def _stream_direct(self, name: str, p: Producer, spec: TensorSpec, sources, inputs, srcs, base_t
+                       ) -> Iterator[torch.Tensor]:
+        """``_stream`` for an element-wise method, reading the inputs window by window (``reader.DirectReader``)
+        instead of faulting their memory-mapped pages: each window merges to the same output window. The ancestry
+        sample (``_track_ancestor``) is cut from the windows as they pass."""
+        base_src, model_srcs = sources
+        assert self.reader is not None
+        flat = ([base_src] if base_src is not None else []) + model_srcs
+        numel = math.prod(spec.shape)
+        track = self.track_ancestry and tracked(p.key, base_t)
+        runs = sample_spans(numel) if track else []
+        pieces: list[list[torch.Tensor]] = [[] for _ in flat]
+        for ws, we, views in self.reader.windows(flat, numel):
+            for a, b in runs:
+                if a < we and b > ws:
+                    for part, v in zip(pieces, views, strict=True):
+                        part.append(v[max(a, ws) - ws : min(b, we) - ws].float())
+            base, tensors = (views[0], views[1:]) if base_src is not None else (None, views)
+            for _, _, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
+                if out.is_floating_point() and not math.isfinite(float(out.sum())) and \
+                        not bool(torch.isfinite(out).all()):
+                    _check_inputs_finite(p.key, inputs)
+                    raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+                if any(out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for v in views):
+                    out = out.clone()  # never hand the writer a view of a buffer the reader refills
+                yield out
+        if track:
+            own = [src != base_src for src in model_srcs]  # a model lacking the tensor reads the base's
+            self._ancestry.record(torch.cat(pieces[0]), [s for s, o in zip(srcs, own, strict=True) if o],
+                                  [torch.cat(ps) for ps, o in zip(pieces[1:], own, strict=True) if o])
 
     def _whole(self, name: str, p: Producer, release_inputs: bool) -> Iterator[torch.Tensor]:
         """The non-streaming path of ``produce_chunks``: one chunk."""
@@ -249,8 +315,10 @@ class MergeExecutor:
     def prefetcher(self, names: list[str]) -> Prefetcher:
         """A ``pages.Prefetcher`` over the inputs of ``names`` (in production order): step i is ``names[i]``."""
         steps = []
-        for n in names:
-            locs = [src.ckpt.location(key) for src, key in self._input_keys(self.plan.producers[n])]
+        for n in names:  # inputs read directly bypass the page cache: nothing to ask for
+            p = self.plan.producers[n]
+            locs = [] if self._direct_sources(n) is not None else [src.ckpt.location(key) for src, key in
+                                                                   self._input_keys(p)]
             steps.append([loc for loc in locs if loc is not None])
         return Prefetcher(steps)
 
@@ -290,29 +358,16 @@ class MergeExecutor:
 
     # ---- diagnostics -------------------------------------------------------------------------------------------
     def _track_ancestor(self, canon: str, base, srcs, tensors) -> None:
-        """Record the sampled relative task-vector size of each weight matrix (≤ 64k elements: 64 evenly spaced
-        runs of 1024, so a sample reads ~64 pages of a memory-mapped input, not all of them)."""
-        if base is None or base.dim() < 2 or canon.startswith(("embed_tokens", "lm_head")):
+        """Record the sampled relative task-vector size of a weight matrix (``ancestry.sample``)."""
+        if not tracked(canon, base):
             return
-        bs = _sample(base)
-        bn = float(bs.norm())
-        for s, t in zip(srcs, tensors):
-            if t.shape == base.shape and t is not base and bn > 0:
-                self._ancestry.setdefault(s.name, []).append(float((_sample(t) - bs).norm()) / bn)
+        own = [t.shape == base.shape and t is not base for t in tensors]
+        self._ancestry.record(sample(base), [s for s, o in zip(srcs, own, strict=True) if o],
+                              [sample(t) for t, o in zip(tensors, own, strict=True) if o])
 
     def ancestor_report(self) -> dict[str, float]:
         """Median over the weight matrices produced so far of ‖θ_i − θ_base‖ / ‖θ_base‖ per model (sampled)."""
-        return {n: float(torch.tensor(r).median()) for n, r in self._ancestry.items() if r}
-
-
-def _sample(t: torch.Tensor, runs: int = 64, run: int = 1024) -> torch.Tensor:
-    """Up to ``runs * run`` elements of ``t`` in float32: all of a small tensor, else ``runs`` evenly spaced runs."""
-    f = t.reshape(-1)
-    n = f.numel()
-    if n <= runs * run:
-        return f.float()
-    step = (n - run) // (runs - 1)
-    return torch.cat([f[i * step : i * step + run] for i in range(runs)]).float()
+        return self._ancestry.report()
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
@@ -349,14 +404,24 @@ def _check_shapes(canon: str, base_src, base, srcs, tensors) -> None:
             )
 
 
-def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first: bool) -> None:
-    """Write one chunk of ``produce_chunks``: a whole tensor in one ``write``, a streamed one in ``append``s."""
+def _put(w: ShardWriter, name: str, spec: TensorSpec, part: torch.Tensor, first: bool, mapped: bool) -> None:
+    """Write one chunk of ``produce_chunks``: a whole tensor in one ``write``, a streamed one in ``append``s. A
+    ``mapped`` chunk views a memory-mapped input (a copied tensor): its pages are given back once written."""
     if first and part.numel() == math.prod(spec.shape):
         w.write(name, part.reshape(spec.shape))
-        return
-    if first:
-        w.begin(name)
-    w.append(part)
+    else:
+        if first:
+            w.begin(name)
+        w.append(part)
+    if mapped:
+        release(part.reshape(-1))
+
+
+def _math_threads() -> int:
+    """Torch threads for the merge math in ``build``: the cores left after ``IO_CORES`` (at least one, at most the
+    current count). Element-wise math is chunk-sized work: spread over threads that must wait for the cores the
+    reader, the writer and the kernel's I/O are using, it runs up to 10x slower than on one thread."""
+    return max(1, min(torch.get_num_threads(), len(usable_cores()) - IO_CORES))
 
 
 def build(
@@ -389,30 +454,35 @@ def build(
     executor = MergeExecutor(plan)
     shards = plan_shards(plan.specs, max_shard_size)
     total = sum(s.nbytes for s in plan.specs.values())
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force) as tmp, pinned_threads(_math_threads()), DirectReader() as reader:
+        executor.reader = reader
         done = 0
         # one writer thread: tensor i is written while tensor i + 1 is merged (both release the GIL), and a reader
         # thread has the kernel read the inputs of the next tensors meanwhile; the bar is closed (its line ended)
         # before any error is printed
         order = [n for names in shards.values() for n in names]
+        ahead = executor.prefetcher(order)
+        ahead.drop = drop = ahead.nbytes + total > CACHE_SHARE * psutil.virtual_memory().available
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({recipe.merge_method})",
-                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, \
-                executor.prefetcher(order) as ahead:
+                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as io, ahead:
             for fname, names in shards.items():
-                w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"})
+                w = ShardWriter(tmp / fname, names, plan.specs, {"format": "pt"}, drop=drop)
                 pending: deque = deque()  # writes in flight, oldest first (the one writer runs them in order)
                 for n in names:
                     spec = plan.specs[n]
                     first, numel, made = True, math.prod(spec.shape), 0
                     ahead.at(done)  # ``done`` tensors so far: this is step ``done`` of ``order``
+                    views = {t.untyped_storage().data_ptr() for t in executor._mapped_inputs(plan.producers[n])}
                     for t in executor.produce_chunks(n, release_inputs=True):
                         while len(pending) >= WRITES_IN_FLIGHT:
                             pending.popleft().result()
-                        pending.append(io.submit(_put, w, n, spec, t, first))
+                        mapped = t.untyped_storage().data_ptr() in views  # released before the writer read it
+                        pending.append(io.submit(_put, w, n, spec, t, first, mapped))
                         first = False
                         made += t.numel()
                         ahead.at(done, made / max(numel, 1))
                         del t
+                    ahead.done(done)
                     done += 1
                     bar.update(plan.specs[n].nbytes)
                     bar.set_postfix(tensors=f"{done}/{len(plan.specs)}")

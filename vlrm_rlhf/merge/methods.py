@@ -41,6 +41,8 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     chunks: Callable[..., Iterator[tuple[int, int, Tensor]]] | None = None  # streaming form of fn (+ out_dtype=)
+    elementwise: bool = False  # each output element depends on the same element of the inputs only (no whole-
+    # tensor statistic, no random draw): any window of the inputs merges to the same window of the output
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -323,11 +325,12 @@ def register_task_arithmetic(v: TaskArithmeticVariant) -> MergeMethod:
     per_model = {"weight": REQUIRED, "density": 1.0, **(v.sparsifier.params if v.sparsifier else {})}
     stochastic = bool(v.sparsifier and v.sparsifier.stochastic)
     return register(MergeMethod(v.name, fn, requires_base=True, shared_params=shared, input_params=per_model,
-                                stochastic=stochastic, chunks=parts))
+                                stochastic=stochastic, chunks=parts,
+                                elementwise=v.sparsifier is None and not v.consensus))
 
 
 register(MergeMethod("linear", _linear, requires_base=False, shared_params={"normalize": True},
-                     input_params={"weight": REQUIRED}, stochastic=False, chunks=_linear_chunks))
+                     input_params={"weight": REQUIRED}, stochastic=False, chunks=_linear_chunks, elementwise=True))
 register(MergeMethod("slerp", _slerp, requires_base=True, shared_params={"t": REQUIRED}, input_params={},
                      stochastic=False, min_inputs=1, max_inputs=1, chunks=_slerp_chunks))
 for _row in (

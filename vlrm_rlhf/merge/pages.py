@@ -76,11 +76,14 @@ class Prefetcher:
     Requests (``posix_fadvise(WILLNEED)``, asynchronous, issued without holding the GIL) cover ``piece`` bytes of a
     step at a time, split over its inputs: the kernel reads at most its readahead size per call and drops the rest,
     so pieces stay small. A hint only: no page is mapped (RSS does not grow), and a step read out of order, or pages
-    evicted under memory pressure, only cost a normal read.
+    evicted under memory pressure, only cost a normal read. Behind the merge, the same thread drops the pages of
+    consumed steps from the page cache (``done``, with ``drop``): a merge larger than memory then never fills it.
     """
 
-    def __init__(self, steps: list[list[Range]], window: int = 512 << 20, piece: int = 4 << 20):
+    def __init__(self, steps: list[list[Range]], window: int = 512 << 20, piece: int = 4 << 20, *,
+                 drop: bool = False):
         self._steps = [_unique(rs) for rs in steps]
+        self.drop = drop  # ``done`` drops consumed steps from the page cache (may be set before entering)
         self._bytes = [sum(e - s for _, s, e in rs) for rs in self._steps]
         self._start = [0]
         for b in self._bytes:
@@ -89,11 +92,22 @@ class Prefetcher:
         self._pos = 0  # bytes of the steps the merge has consumed
         self._cv = threading.Condition()
         self._stop = False
+        self._drops: list[Range] = []  # consumed ranges the reader thread is to drop from the page cache
         self._fds: dict[Path, int] = {}
         self._thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of input the steps read (a range shared by steps counted once per step)."""
+        return self._start[-1]
+
     def __enter__(self) -> Prefetcher:
         if hasattr(os, "posix_fadvise"):
+            for path in dict.fromkeys(p for rs in self._steps for p, _, _ in rs):
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError:  # a hint: the merge opens the file itself and reports the error
+                    pass
             self._thread.start()
         return self
 
@@ -103,6 +117,8 @@ class Prefetcher:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join()
+        for path, s, e in self._drops:  # consumed after the reader stopped
+            _advise(self._fds.get(path), s, e - s, "POSIX_FADV_DONTNEED")
         for fd in self._fds.values():
             os.close(fd)
 
@@ -114,27 +130,52 @@ class Prefetcher:
                 self._pos = pos
                 self._cv.notify()
 
-    def _run(self) -> None:
+    def done(self, step: int) -> None:
+        """Step ``step`` is consumed: the reader thread drops its pages from the page cache
+        (``posix_fadvise(DONTNEED)``), so a merge larger than memory never makes the kernel reclaim the cache under
+        pressure. Only with ``drop``; only whole, unmapped pages go (``release`` them first); a range needed again
+        is just read again."""
+        if self.drop:
+            with self._cv:
+                self._drops.extend(self._steps[step])
+                self._cv.notify()
+
+    def _requests(self) -> Iterator[tuple[int, list[Range]]]:
+        """The read-ahead requests in order: (position in the steps' bytes, the ranges to ask for)."""
         for i, rs in enumerate(self._steps):
-            size = self._bytes[i]
-            done = 0
+            size, done = self._bytes[i], 0
             while done < size:
-                with self._cv:
-                    while not self._stop and self._start[i] + done >= self._pos + self._window:
-                        self._cv.wait()
-                    if self._stop:
-                        return
                 step = min(size - done, self._piece)
-                for path, s, e in rs:  # the same fraction of every input: the merge reads them in lockstep
-                    a, b = s + (e - s) * done // size, s + -(-(e - s) * (done + step) // size)
-                    try:
-                        fd = self._fds.get(path)
-                        if fd is None:
-                            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                        os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
-                    except OSError:  # a hint: the merge reads the file itself and reports any error
-                        pass
+                # the same fraction of every input: the merge reads them in lockstep
+                yield self._start[i] + done, [(path, s + (e - s) * done // size, s + -(-(e - s) * (done + step) // size))
+                                              for path, s, e in rs]
                 done += step
+
+    def _run(self) -> None:
+        ahead = self._requests()
+        nxt = next(ahead, None)
+        while True:
+            with self._cv:
+                while not (self._stop or self._drops or (nxt is not None and nxt[0] < self._pos + self._window)):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                drops, self._drops = self._drops, []
+            for path, s, e in drops:
+                _advise(self._fds.get(path), s, e - s, "POSIX_FADV_DONTNEED")
+            if nxt is not None and nxt[0] < self._pos + self._window:
+                for path, s, e in nxt[1]:
+                    _advise(self._fds.get(path), s, e - s, "POSIX_FADV_WILLNEED")
+                nxt = next(ahead, None)
+
+
+def _advise(fd: int | None, offset: int, length: int, advice: str) -> None:
+    """``posix_fadvise`` ignoring errors (a hint; the merge reads the file itself and reports any error)."""
+    if fd is not None and length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
+        except OSError:
+            pass
 
 
 def _unique(rs: list[Range]) -> list[Range]:
