@@ -141,3 +141,20 @@ def test_the_header_only_reader_does_catch_a_tensor_read(zoo, tmp_path, headers_
     trio = zoo("llava")
     with pytest.raises(BaseException, match="tensor read|read tensor data"):
         build(recipe(trio), tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_peak_estimate_follows_chunked_merging_and_bounds_the_real_peak(zoo, tmp_path, monkeypatch, method):
+    """Chunked merging (outputs above STREAM_MIN) lowers the estimate, below what whole-tensor merging costs."""
+    from vlrm_rlhf.merge import executor, sparsify
+    from vlrm_rlhf.merge.dryrun import PROCESS_BYTES
+
+    trio = zoo("llava")
+    params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.5}
+    r = recipe(trio, method, lvlm=params, rm=params)
+    monkeypatch.setattr(executor, "STREAM_MIN", 1 << 40)  # nothing streams: every tensor is merged whole
+    whole = dry_run(r, tmp_path / "a").peak_bytes - PROCESS_BYTES
+    monkeypatch.setattr(executor, "STREAM_MIN", 256)
+    monkeypatch.setattr(sparsify, "_CHUNK", 256)
+    chunked = dry_run(r, tmp_path / "b").peak_bytes - PROCESS_BYTES
+    assert 0 < chunked < whole

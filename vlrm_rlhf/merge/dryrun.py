@@ -82,9 +82,10 @@ class DryRun:
         lines += ["  (not predictable from headers: NaN/Inf in inputs, and whether the base is the inputs' "
                   "common ancestor; the merge checks both)", ""]
         lines.append(f"output size: {_gb(self.out_bytes)} in {self.n_shards} shard(s)")
-        lines.append(f"peak memory (estimate): {_gb(self.peak_bytes)} anonymous (largest tensor and its "
-                     f"temporaries, plus ~{_gb(PROCESS_BYTES)} for the process); inputs are memory-mapped: up to "
-                     f"{_gb(self.mapped_bytes)} file-backed, reclaimable")
+        lines.append(f"peak memory (estimate): {_gb(self.peak_bytes)} anonymous (the costliest tensor's working set, "
+                     f"large tensors merged in chunks, plus ~{_gb(PROCESS_BYTES)} for the process); the "
+                     f"{_gb(self.mapped_bytes)} of inputs are read as the merge moves on and their pages given back "
+                     f"behind it (file-backed, reclaimable)")
         free = f", {_gb(self.disk_free)} free" if self.disk_free is not None else ""
         lines.append(f"disk needed: {_gb(self.disk_needed)} at {self.out_dir.parent}{free}")
         return "\n".join(lines)
@@ -127,34 +128,45 @@ def _from_merge(w: warnings.WarningMessage) -> bool:
 
 # ---- resources ---------------------------------------------------------------------------------------------------
 def predict_peak_bytes(plan: MergePlan) -> int:
-    """Estimated peak anonymous memory of ``build``: the costliest output tensor's working set plus the previous
-    tensor still being written (one writer thread) plus the process itself.
+    """Estimated peak anonymous memory of ``build``: the costliest output tensor's working set, the writer's queue,
+    the direct reader's windows and the process itself.
 
-    Per tensor of n elements, output element size o and compute element size c (inputs are memory-mapped, so they
-    count as file-backed, not here): a merged tensor holds its result in the compute dtype and its cast (n·(c + o));
-    pruning methods (TIES, DARE, DELLA, breadcrumbs) also hold a mask or magnitudes per model (k·n·c); a vocab
-    tensor gathered by token row holds each input's rows in the compute dtype and a zeroed output (k·n·c + n·c);
-    a copied tensor holds its cast (n·o) when the dtype changes.
+    Inputs are memory-mapped or read window by window, so they count as file-backed or as the reader's buffers. An
+    output above ``STREAM_MIN`` elements is merged chunk by chunk (``executor.streams``): per chunk of m elements,
+    buffers for the base, each model and the result in the compute dtype ((k + 2)·m·c), and for pruning methods a
+    bit mask per model (k·n/8) and the top-k sample. A smaller tensor is merged whole: its result in the compute
+    dtype and its cast (n·(c + o)), a mask or magnitudes per model (k·n·c) when pruning, and for a vocabulary tensor
+    gathered by token row each input's rows and a zeroed output (k·n·c + n·c). A copied tensor holds its cast (n·o)
+    when the dtype changes.
     """
+    from .executor import STREAM_MIN, WRITES_IN_FLIGHT, streams
     from .methods import SPARSIFYING
+    from .reader import WINDOW_BYTES
+    from .sparsify import _SAMPLE, chunk_size
 
     c = torch.empty((), dtype=plan.compute_dtype).element_size()
     k = len(plan.sources)
-    largest_out = max((s.nbytes for s in plan.specs.values()), default=0)
-    worst = 0
+    pruning = plan.method.name in SPARSIFYING
+    worst = queued = 0
     for name, p in plan.producers.items():
         spec = plan.specs[name]
         n, o = _numel(spec), spec.nbytes
+        el = o // max(n, 1)
         if p.kind == "copy":
             cost = o if plan.source(p.source).ckpt.dtype(p.key) != spec.dtype else 0
+        elif streams(plan, name):
+            m = min(n, chunk_size())
+            cost = (k + 2) * m * c + (k * (n // 8 + min(n, _SAMPLE) * c) if pruning else 0)
+            if p.kind == "vocab":  # the copied rows after the merged prefix are built whole
+                cost += (spec.shape[0] - len(p.rows.merge_out)) * (n // spec.shape[0]) * c
         else:
-            cost = n * c + o
-            if plan.method.name in SPARSIFYING:
-                cost += k * n * c
+            cost = n * c + o + (k * n * c if pruning else 0)
             if p.kind == "vocab" and not p.rows.contiguous():
                 cost += k * n * c + n * c
         worst = max(worst, cost)
-    return worst + largest_out + PROCESS_BYTES
+        queued = max(queued, min(n, STREAM_MIN) * el)
+    reader = 2 * k * WINDOW_BYTES if plan.method.elementwise else 0
+    return worst + WRITES_IN_FLIGHT * queued + reader + PROCESS_BYTES
 
 
 def _numel(spec: TensorSpec) -> int:

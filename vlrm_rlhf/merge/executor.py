@@ -178,8 +178,7 @@ class MergeExecutor:
         rp = p.rows
         tail = None
         if p.kind != "merge":  # a vocabulary tensor streams when its merged rows are a prefix of every input
-            if not (rp is not None and rp.contiguous() and all(int(o.min()) >= len(rp.merge_out) for _, o, _ in
-                                                                 rp.copies if o.numel())):
+            if not _prefix_rows(rp):
                 yield from self._whole(name, p, release_inputs)
                 return
             _check_width(p.key, srcs, tensors, spec)
@@ -371,6 +370,21 @@ class MergeExecutor:
 
 
 _PROPAGATES_NAN = ("linear", "task_arithmetic", "slerp")  # any NaN/Inf input reaches the output
+
+
+def streams(plan: MergePlan, name: str) -> bool:
+    """Whether ``produce_chunks`` makes output ``name`` chunk by chunk, never whole in memory: a merged tensor above
+    ``STREAM_MIN`` elements, or such a vocabulary tensor whose merged rows are a prefix of every input's."""
+    p = plan.producers[name]
+    if p.kind == "copy" or math.prod(plan.specs[name].shape) <= STREAM_MIN:
+        return False
+    return p.kind == "merge" or _prefix_rows(p.rows)
+
+
+def _prefix_rows(rp) -> bool:
+    """A vocabulary tensor's merged rows come first in every input and the copied rows after them."""
+    return rp is not None and rp.contiguous() and all(int(o.min()) >= len(rp.merge_out) for _, o, _ in rp.copies
+                                                      if o.numel())
 
 
 def _all_finite(t: torch.Tensor) -> bool:
