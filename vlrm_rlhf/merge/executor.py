@@ -147,11 +147,7 @@ class MergeExecutor:
         if self.track_ancestry:
             self._track_ancestor(p.key, base, srcs, tensors)
         out = out.to(spec.dtype)
-        if out.is_floating_point() and not math.isfinite(float(out.sum())):  # NaN/Inf propagate into the sum
-            if bool(torch.isfinite(out).all()):  # only the sum overflowed: the values are fine
-                return out
-            _check_inputs_finite(p.key, inputs)
-            raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+        _check_merged_finite(name, p.key, out, inputs)
         return out
 
     def produce_chunks(self, name: str, *, release_inputs: bool = False) -> Iterator[torch.Tensor]:
@@ -224,9 +220,7 @@ class MergeExecutor:
         """The merged chunks of ``produce_chunks`` in the output dtype; consumed input pages released behind."""
         done = 0
         for _, e, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
-            if out.is_floating_point() and not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
-                _check_inputs_finite(p.key, inputs)
-                raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+            _check_merged_finite(name, p.key, out, inputs)
             yield out
             if release_inputs:
                 for t in ins:
@@ -239,8 +233,8 @@ class MergeExecutor:
         LVLM keeps, or an input without a file range (pickle weights)."""
         plan = self.plan
         p = plan.producers[name]
-        if (self.reader is None or p.kind != "merge" or not plan.method.elementwise
-                or math.prod(plan.specs[name].shape) <= STREAM_MIN or swap_keeps(plan.recipe.layer_swap, p.key)):
+        if (self.reader is None or p.kind != "merge" or not plan.method.elementwise or not streams(plan, name)
+                or swap_keeps(plan.recipe.layer_swap, p.key)):
             return None
         base_key = plan.base.ckpt.text_key(p.key) if plan.base else None
         keys = {s.name: s.ckpt.text_key(p.key) for s in plan.models}
@@ -273,10 +267,7 @@ class MergeExecutor:
                         part.append(v[max(a, ws) - ws : min(b, we) - ws].float())
             base, tensors = (views[0], views[1:]) if base_src is not None else (None, views)
             for _, _, out in self.merge_chunks(p.key, base, tensors, spec.dtype):
-                if out.is_floating_point() and not math.isfinite(float(out.sum())) and \
-                        not bool(torch.isfinite(out).all()):
-                    _check_inputs_finite(p.key, inputs)
-                    raise MergeError(f"merge produced non-finite values in {name} (overflow in {spec.dtype}?)")
+                _check_merged_finite(name, p.key, out, inputs)
                 if any(out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for v in views):
                     out = out.clone()  # never hand the writer a view of a buffer the reader refills
                 yield out
@@ -393,10 +384,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _check_merged_finite(name: str, key: str, out: torch.Tensor, inputs) -> None:
+    """A merged tensor (or chunk) holds no NaN/Inf: else name the input that does, or the overflow."""
+    if out.is_floating_point() and not _all_finite(out):
+        _check_inputs_finite(key, inputs)
+        raise MergeError(f"merge produced non-finite values in {name} (overflow in {out.dtype}?)")
+
+
 def _check_inputs_finite(key: str, inputs) -> None:
     """Name the input holding NaN/Inf (a sum is a cheap first pass: NaN/Inf propagate into it)."""
     for s, t in inputs:
-        if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             raise MergeError(f"non-finite values (NaN/Inf) in input tensor {key} of {s.role} model {s.name}")
 
 
